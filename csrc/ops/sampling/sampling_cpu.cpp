@@ -1,0 +1,232 @@
+// Per-ISA CPU primitives for batched sampling (compiled once per ISA; see common/cpu_simd.h).
+// The row-level algorithms that use them are described in sampling.h; this file only holds the
+// passes over a row: each is one streaming read of V elements, W lanes at a time, with a scalar
+// tail. No torch, no std algorithms (their out-of-line copies would be shared across ISAs).
+#include "ops/sampling/sampling.h"
+#include "common/cpu_simd.h"
+
+#include <cstdint>
+#include <limits>
+
+namespace ttscale {
+namespace cpu {
+namespace TTSCALE_CPU_ISA {
+namespace {
+
+using sampling::CpuKernels;
+using sampling::kBlock;
+using sampling::kHistBins;
+using sampling::RowView;
+using sampling::ScoreMap;
+
+template <typename T>
+inline VF vscore(const ScoreMap& map, VF v) {
+  return map.probs_mode ? v : mul(sub(v, set1(map.m)), set1(map.inv_t));
+}
+inline VF vmass(const ScoreMap& map, VF s) { return map.probs_mode ? s : exp(s); }
+inline float smass(const ScoreMap& map, float s) { return map.probs_mode ? s : exp_scalar(s); }
+
+template <typename T>
+void row_max_t(const T* x, int64_t n, float* out_max, int64_t* out_arg, int64_t* out_bad) {
+  VF vm = set1(-INFINITY);
+  int64_t i = 0;
+  uint32_t badbits = 0;
+  for (; i + W <= n; i += W) {
+    const VF v = load(x + i);
+    badbits = bits(bad(v));
+    if (badbits) break;
+    vm = max(vm, v);
+  }
+  float m = hmax(vm);
+  int64_t first_bad = -1;
+  if (badbits) {
+    first_bad = i + __builtin_ctz(badbits);
+  } else {
+    for (; i < n; ++i) {
+      const float v = to_float(x[i]);
+      if (v != v || v == INFINITY) { first_bad = i; break; }
+      m = v > m ? v : m;
+    }
+  }
+  *out_bad = first_bad;
+  *out_max = m;
+  if (first_bad >= 0) { *out_arg = -1; return; }
+  // first index of the max: a second, early-exit pass (the max is usually found long before V)
+  const VF target = set1(m);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const uint32_t b = bits(cmp_eq(load(x + j), target));
+    if (b) { *out_arg = j + __builtin_ctz(b); return; }
+  }
+  for (; j < n; ++j)
+    if (to_float(x[j]) == m) { *out_arg = j; return; }
+  *out_arg = 0;  // all -inf: every value equals m = -inf and the loop above returned; unreachable
+}
+
+template <typename T>
+double row_mass_t(const T* x, int64_t n, const ScoreMap& map, float tau, double* block_cum) {
+  const VF vtau = set1(tau);
+  const VF zero = set1(0.0f);
+  double total = 0.0;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
+    VF acc = zero;
+    int64_t i = b0;
+    for (; i + W <= b1; i += W) {
+      const VF s = vscore<T>(map, load(x + i));
+      acc = add(acc, select(cmp_ge(s, vtau), vmass(map, s), zero));
+    }
+    float tail = 0.0f;
+    for (; i < b1; ++i) {
+      const float s = map.score(to_float(x[i]));
+      if (s >= tau) tail += smass(map, s);
+    }
+    total += (double)hsum(acc) + (double)tail;
+    if (block_cum) block_cum[b0 / kBlock] = total;
+  }
+  return total;
+}
+
+template <typename T>
+void row_hist_t(const T* x, int64_t n, const ScoreMap& map, double* mass, int64_t* count) {
+  for (int b = 0; b < kHistBins; ++b) { mass[b] = 0.0; count[b] = 0; }
+  int64_t i = 0;
+  alignas(64) float sv[W], mv[W];
+  for (; i + W <= n; i += W) {
+    const VF s = vscore<T>(map, load(x + i));
+    const VF ms = vmass(map, s);
+    // scatter-add has no SIMD form before AVX-512CD; scores and masses are computed W-wide
+    store(sv, s);
+    store(mv, ms);
+    for (int l = 0; l < W; ++l) {
+      const int b = map.bin(sv[l]);
+      mass[b] += (double)mv[l];
+      count[b] += 1;
+    }
+  }
+  for (; i < n; ++i) {
+    const float s = map.score(to_float(x[i]));
+    const int b = map.bin(s);
+    mass[b] += (double)smass(map, s);
+    count[b] += 1;
+  }
+}
+
+template <typename T>
+int64_t row_collect_bin_t(const T* x, int64_t n, const ScoreMap& map, int bin, float* s_out, int32_t* idx_out) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = map.score(to_float(x[i]));
+    if (map.bin(s) == bin) { s_out[c] = s; idx_out[c] = (int32_t)i; ++c; }
+  }
+  return c;
+}
+
+// Min-heap on (value asc, id desc): the root is the worst kept element under the tie rule
+// "larger value first, then lower id". A later element replaces the root only if strictly larger,
+// which is exactly that rule because elements arrive in id order.
+struct HeapEntry { float v; int32_t i; };
+inline bool worse(const HeapEntry& a, const HeapEntry& b) { return a.v < b.v || (a.v == b.v && a.i > b.i); }
+inline void sift_down(HeapEntry* h, int64_t k, int64_t p) {
+  const HeapEntry e = h[p];
+  for (;;) {
+    int64_t c = 2 * p + 1;
+    if (c >= k) break;
+    if (c + 1 < k && worse(h[c + 1], h[c])) ++c;
+    if (!worse(h[c], e)) break;
+    h[p] = h[c];
+    p = c;
+  }
+  h[p] = e;
+}
+
+template <typename T>
+void row_topk_t(const T* x, int64_t n, int64_t k, float* val_out, int32_t* idx_out, void* scratch) {
+  HeapEntry* h = static_cast<HeapEntry*>(scratch);
+  for (int64_t i = 0; i < k; ++i) h[i] = {to_float(x[i]), (int32_t)i};
+  for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(h, k, p);
+  float thr = h[0].v;
+  int64_t i = k;
+  // scalar head until aligned to W for the vector scan
+  for (; i < n && (i % W) != 0; ++i) {
+    const float v = to_float(x[i]);
+    if (v > thr) { h[0] = {v, (int32_t)i}; sift_down(h, k, 0); thr = h[0].v; }
+  }
+  for (; i + W <= n; i += W) {
+    const VF v = load(x + i);
+    uint32_t m = bits(cmp_gt(v, set1(thr)));
+    while (m) {
+      const int l = __builtin_ctz(m);
+      m &= m - 1;
+      const float vl = to_float(x[i + l]);
+      if (vl > thr) { h[0] = {vl, (int32_t)(i + l)}; sift_down(h, k, 0); thr = h[0].v; }
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = to_float(x[i]);
+    if (v > thr) { h[0] = {v, (int32_t)i}; sift_down(h, k, 0); thr = h[0].v; }
+  }
+  // heap-sort: pop the worst to the back -> best-first order
+  for (int64_t end = k - 1; end > 0; --end) {
+    const HeapEntry t = h[0]; h[0] = h[end]; h[end] = t;
+    sift_down(h, end, 0);
+  }
+  // h is now ordered best first
+  for (int64_t j = 0; j < k; ++j) {
+    const HeapEntry e = h[j];
+    val_out[j] = e.v;
+    idx_out[j] = e.i;
+  }
+}
+
+template <typename T>
+int64_t row_draw_block_t(const T* x, const ScoreMap& map, float tau, int64_t begin, int64_t end, double target) {
+  double c = 0.0;
+  int64_t last = -1;
+  for (int64_t i = begin; i < end; ++i) {
+    const float s = map.score(to_float(x[i]));
+    if (!(s >= tau)) continue;
+    const float ms = smass(map, s);
+    if (ms <= 0.0f) continue;
+    c += (double)ms;
+    last = i;
+    if (c > target) return i;
+  }
+  return last;
+}
+
+#define TT_ROW_DISPATCH(row, CALL)                                              \
+  switch ((row).dtype) {                                                        \
+    case DType::kFloat16: { using T = half_t; CALL; }                           \
+    case DType::kBFloat16: { using T = bf16_t; CALL; }                          \
+    default: { using T = float; CALL; }                                         \
+  }
+
+void row_max(RowView row, float* m, int64_t* arg, int64_t* bad) {
+  TT_ROW_DISPATCH(row, row_max_t(static_cast<const T*>(row.data), row.n, m, arg, bad); return)
+}
+double row_mass(RowView row, ScoreMap map, float tau, double* block_cum) {
+  TT_ROW_DISPATCH(row, return row_mass_t(static_cast<const T*>(row.data), row.n, map, tau, block_cum))
+}
+void row_hist(RowView row, ScoreMap map, double* mass, int64_t* count) {
+  TT_ROW_DISPATCH(row, row_hist_t(static_cast<const T*>(row.data), row.n, map, mass, count); return)
+}
+int64_t row_collect_bin(RowView row, ScoreMap map, int bin, float* s_out, int32_t* idx_out) {
+  TT_ROW_DISPATCH(row, return row_collect_bin_t(static_cast<const T*>(row.data), row.n, map, bin, s_out, idx_out))
+}
+void row_topk(RowView row, int64_t k, float* val_out, int32_t* idx_out, void* scratch) {
+  TT_ROW_DISPATCH(row, row_topk_t(static_cast<const T*>(row.data), row.n, k, val_out, idx_out, scratch); return)
+}
+int64_t row_draw_block(RowView row, ScoreMap map, float tau, int64_t begin, int64_t end, double target) {
+  TT_ROW_DISPATCH(row, return row_draw_block_t(static_cast<const T*>(row.data), map, tau, begin, end, target))
+}
+
+const CpuKernels kKernels = {row_max, row_mass, row_hist, row_collect_bin, row_topk, row_draw_block};
+
+}  // namespace
+
+const CpuKernels* sampling_kernels() { return &kKernels; }
+
+}  // namespace TTSCALE_CPU_ISA
+}  // namespace cpu
+}  // namespace ttscale
