@@ -1,0 +1,6 @@
+import sys
+
+from ..cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["bench", *sys.argv[1:]]))
