@@ -5,6 +5,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "common/dispatch.h"
+
 #define TT_CHECK(cond, ...) TORCH_CHECK(cond, "ttscale: ", __VA_ARGS__)
 #define TT_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "ttscale: ", __VA_ARGS__)
 
@@ -22,7 +24,16 @@ inline void check_dim(const at::Tensor& t, const char* name, int64_t dim, const 
 inline void check_float_dtype(const at::Tensor& t, const char* name) {
   const auto st = t.scalar_type();
   TT_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, name,
-           " must be float32, float16 or bfloat16, got ", st);
+           " must be one of " TT_FLOAT_DTYPES_STR ", got ", st);
+}
+
+// torch dtype -> kernel dtype (after check_float_dtype)
+inline DType dtype_of(at::ScalarType st) {
+  switch (st) {
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: return DType::kFloat32;
+  }
 }
 
 inline void check_index_dtype(const at::Tensor& t, const char* name) {

@@ -8,7 +8,7 @@
 // Interface (VF = W fp32 lanes, VM = lane mask):
 //   load(const float*/half_t*/bf16_t*)  widen W elements to fp32      set1(x)   store(float*, v)
 //   add sub mul fmadd(a,b,c)=a*b+c max   hmax hsum                     exp(x) (0 for x < -87.3)
-//   cmp_ge cmp_gt cmp_eq -> VM           bits(VM) -> uint32 lane bits  select(m, a, b)
+//   cmp_ge cmp_gt cmp_eq cmp_gt_or_nan -> VM           bits(VM) -> uint32 lane bits  select(m, a, b)
 //   bad(x): lanes that are NaN or +inf
 #pragma once
 #if !defined(TTSCALE_CPU_ISA)
@@ -75,6 +75,7 @@ inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline VF max(VF a, VF b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline VM cmp_ge(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ); }
 inline VM cmp_gt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+inline VM cmp_gt_or_nan(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_NLE_UQ); }
 inline VM cmp_eq(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
 inline VM bad(VF a) {
   return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
@@ -118,6 +119,7 @@ inline VF fmadd(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline VF max(VF a, VF b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline VM cmp_ge(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ)}; }
 inline VM cmp_gt(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
+inline VM cmp_gt_or_nan(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_NLE_UQ)}; }
 inline VM cmp_eq(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)}; }
 inline VM bad(VF a) {
   return {_mm256_or_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q), _mm256_cmp_ps(a.v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ))};
@@ -168,6 +170,7 @@ inline VF fmadd(VF a, VF b, VF c) { for (int i = 0; i < W; ++i) a.v[i] = a.v[i] 
 inline VF max(VF a, VF b) { for (int i = 0; i < W; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i]; return a; }
 inline VM cmp_ge(VF a, VF b) { uint32_t m = 0; for (int i = 0; i < W; ++i) m |= (uint32_t)(a.v[i] >= b.v[i]) << i; return {m}; }
 inline VM cmp_gt(VF a, VF b) { uint32_t m = 0; for (int i = 0; i < W; ++i) m |= (uint32_t)(a.v[i] > b.v[i]) << i; return {m}; }
+inline VM cmp_gt_or_nan(VF a, VF b) { uint32_t m = 0; for (int i = 0; i < W; ++i) m |= (uint32_t)!(a.v[i] <= b.v[i]) << i; return {m}; }
 inline VM cmp_eq(VF a, VF b) { uint32_t m = 0; for (int i = 0; i < W; ++i) m |= (uint32_t)(a.v[i] == b.v[i]) << i; return {m}; }
 inline VM bad(VF a) {
   uint32_t m = 0;

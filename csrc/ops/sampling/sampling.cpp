@@ -15,6 +15,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_dispatch.h"
+#include "common/dispatch.h"
 
 #if defined(TTSCALE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
@@ -27,14 +28,6 @@ namespace sampling {
 namespace {
 
 using at::Tensor;
-
-DType to_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    default: return DType::kFloat32;
-  }
-}
 
 bool any_true(const Tensor& t) { return t.numel() > 0 && t.any().item<bool>(); }
 
@@ -175,11 +168,9 @@ struct RowError {
 };
 
 float raw_value(const RowView& row, int64_t j) {
-  switch (row.dtype) {
-    case DType::kFloat16: return to_float(static_cast<const half_t*>(row.data)[j]);
-    case DType::kBFloat16: return to_float(static_cast<const bf16_t*>(row.data)[j]);
-    default: return static_cast<const float*>(row.data)[j];
-  }
+  float v = 0.0f;
+  TT_DISPATCH_FLOAT(row.dtype, T, v = to_float(static_cast<const T*>(row.data)[j]))
+  return v;
 }
 
 // Mass of a score in double precision (plans and logprobs; the SIMD passes use the fp32 poly exp).
@@ -187,9 +178,25 @@ double mass_of(const ScoreMap& map, float s) { return map.probs_mode ? (double)s
 
 void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, int64_t k, double top_p, double min_p,
                 bool want_logprobs, RowPlan& plan, RowError& err, int64_t r) {
+  const int64_t V = row.n;
+  const bool greedy = !probs && T == 0.0;
+  const bool use_topk = !greedy && k > 0 && k < V;
+  // The top-k scan also yields the max (its first candidate) and finds NaN/+inf, so that path
+  // reads the row once; the others start with a max pass.
   float m;
   int64_t arg, bad;
-  K.row_max(row, &m, &arg, &bad);
+  std::vector<float> vals;
+  std::vector<int32_t> ids;
+  if (use_topk) {
+    vals.resize(k);
+    ids.resize(k);
+    std::vector<uint8_t> scratch(k * kTopkScratchBytes);
+    bad = K.row_topk(row, k, vals.data(), ids.data(), scratch.data());
+    m = vals[0];
+    arg = ids[0];
+  } else {
+    K.row_max(row, &m, &arg, &bad);
+  }
   const char* xname = probs ? "probs" : "logits";
   if (bad >= 0) {
     err.set(r, std::string(xname) + " row " + std::to_string(r) + " contains NaN or +inf (at token " +
@@ -210,16 +217,11 @@ void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, i
   plan.map = map;
   plan.lp_map = map;  // greedy rows: logprobs at temperature 1 (map.inv_t stays 1)
   if (want_logprobs) plan.log_z = std::log(K.row_mass(row, plan.lp_map, -INFINITY, nullptr));
-  if (!probs && T == 0.0) { plan.kind = kGreedy; return; }
+  if (greedy) { plan.kind = kGreedy; return; }
 
-  const int64_t V = row.n;
-  if (k > 0 && k < V) {
-    // ---- candidates: heap top-k, then top-p / min-p on the sorted list
+  if (use_topk) {
+    // ---- candidates: top-p / min-p cut the sorted top-k list
     plan.kind = kCandidates;
-    std::vector<float> vals(k);
-    std::vector<int32_t> ids(k);
-    std::vector<uint8_t> scratch(k * kTopkScratchBytes);
-    K.row_topk(row, k, vals.data(), ids.data(), scratch.data());
     std::vector<double> mass(k);
     double total = 0.0;
     for (int64_t j = 0; j < k; ++j) total += (mass[j] = mass_of(map, map.score(vals[j])));
@@ -328,7 +330,7 @@ std::tuple<Tensor, Tensor> sample_cpu(const Tensor& x, const c10::optional<Tenso
       if (used[r]) rows.push_back(r);
   }
   const CpuKernels& K = *TT_CPU_SELECT(sampling_kernels);
-  const DType dt = to_dtype(x.scalar_type());
+  const DType dt = dtype_of(x.scalar_type());
   const char* base = static_cast<const char*>(x.data_ptr());
   const int64_t row_bytes = x.stride(0) * (int64_t)x.element_size();
   auto row_view = [&](int64_t r) { return RowView{base + r * row_bytes, dt, V}; };
@@ -397,7 +399,7 @@ Tensor token_logprobs_cpu(const Tensor& logits, const Tensor& tokens, const c10:
   const RowParam T = row_param(temperature, temperature_val);
   const std::vector<int64_t> tok = to_int64_vec(tokens);
   const CpuKernels& K = *TT_CPU_SELECT(sampling_kernels);
-  const DType dt = to_dtype(logits.scalar_type());
+  const DType dt = dtype_of(logits.scalar_type());
   const char* base = static_cast<const char*>(logits.data_ptr());
   const int64_t row_bytes = logits.stride(0) * (int64_t)logits.element_size();
   float* o = out.data_ptr<float>();
@@ -521,11 +523,8 @@ std::tuple<Tensor, Tensor> speculative_verify_cpu(const Tensor& draft_tokens, co
   Tensor out = at::empty({B, n + 1}, draft_tokens.options().dtype(at::kLong));
   Tensor acc = at::empty({B}, draft_tokens.options().dtype(at::kLong));
   if (B == 0) return {out, acc};
-  switch (to_dtype(draft_probs.scalar_type())) {
-    case DType::kFloat16: speculative_rows<half_t>(draft_tokens, draft_probs, target_probs, seed, offset, out, acc); break;
-    case DType::kBFloat16: speculative_rows<bf16_t>(draft_tokens, draft_probs, target_probs, seed, offset, out, acc); break;
-    default: speculative_rows<float>(draft_tokens, draft_probs, target_probs, seed, offset, out, acc); break;
-  }
+  TT_DISPATCH_FLOAT(dtype_of(draft_probs.scalar_type()), T,
+                    speculative_rows<T>(draft_tokens, draft_probs, target_probs, seed, offset, out, acc))
   return {out, acc};
 }
 

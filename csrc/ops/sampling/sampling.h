@@ -77,8 +77,9 @@ struct CpuKernels {
   // scores and token ids of the tokens in `bin`, in token order; returns how many
   int64_t (*row_collect_bin)(RowView row, ScoreMap map, int bin, float* s_out, int32_t* idx_out);
   // the k largest raw values with their ids, sorted (value desc, id asc); 1 <= k <= n;
-  // scratch holds k * kTopkScratchBytes bytes (the heap)
-  void (*row_topk)(RowView row, int64_t k, float* val_out, int32_t* idx_out, void* scratch);
+  // scratch holds k * kTopkScratchBytes bytes (the heap). Returns the index of the first NaN or
+  // +inf met (the scan stops there), or -1.
+  int64_t (*row_topk)(RowView row, int64_t k, float* val_out, int32_t* idx_out, void* scratch);
   // the first token j in [begin, end) with s_j >= tau whose running mass exceeds `target`
   // (falls back to the last kept token of positive mass in the range; -1 if there is none)
   int64_t (*row_draw_block)(RowView row, ScoreMap map, float tau, int64_t begin, int64_t end,

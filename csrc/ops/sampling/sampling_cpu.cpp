@@ -4,6 +4,7 @@
 // tail. No torch, no std algorithms (their out-of-line copies would be shared across ISAs).
 #include "ops/sampling/sampling.h"
 #include "common/cpu_simd.h"
+#include "common/dispatch.h"
 
 #include <cstdint>
 #include <limits>
@@ -26,32 +27,27 @@ inline VF vscore(const ScoreMap& map, VF v) {
 inline VF vmass(const ScoreMap& map, VF s) { return map.probs_mode ? s : exp(s); }
 inline float smass(const ScoreMap& map, float s) { return map.probs_mode ? s : exp_scalar(s); }
 
+inline bool is_bad(float v) { return v != v || v == INFINITY; }
+
 template <typename T>
 void row_max_t(const T* x, int64_t n, float* out_max, int64_t* out_arg, int64_t* out_bad) {
-  VF vm = set1(-INFINITY);
+  // 4 independent max chains hide the max latency; the NaN/+inf test is one movemask per 4 vectors
+  VF m0 = set1(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
   int64_t i = 0;
-  uint32_t badbits = 0;
-  for (; i + W <= n; i += W) {
-    const VF v = load(x + i);
-    badbits = bits(bad(v));
-    if (badbits) break;
-    vm = max(vm, v);
+  for (; i + 4 * W <= n; i += 4 * W) {
+    const VF v0 = load(x + i), v1 = load(x + i + W), v2 = load(x + i + 2 * W), v3 = load(x + i + 3 * W);
+    if (bits(bad(v0)) | bits(bad(v1)) | bits(bad(v2)) | bits(bad(v3))) break;
+    m0 = max(m0, v0); m1 = max(m1, v1); m2 = max(m2, v2); m3 = max(m3, v3);
   }
-  float m = hmax(vm);
-  int64_t first_bad = -1;
-  if (badbits) {
-    first_bad = i + __builtin_ctz(badbits);
-  } else {
-    for (; i < n; ++i) {
-      const float v = to_float(x[i]);
-      if (v != v || v == INFINITY) { first_bad = i; break; }
-      m = v > m ? v : m;
-    }
+  float m = hmax(max(max(m0, m1), max(m2, m3)));
+  *out_bad = -1;
+  for (; i < n; ++i) {
+    const float v = to_float(x[i]);
+    if (is_bad(v)) { *out_bad = i; *out_max = m; *out_arg = -1; return; }
+    m = v > m ? v : m;
   }
-  *out_bad = first_bad;
   *out_max = m;
-  if (first_bad >= 0) { *out_arg = -1; return; }
-  // first index of the max: a second, early-exit pass (the max is usually found long before V)
+  // first index of the max: an early-exit pass (on random data it stops half way on average)
   const VF target = set1(m);
   int64_t j = 0;
   for (; j + W <= n; j += W) {
@@ -60,7 +56,7 @@ void row_max_t(const T* x, int64_t n, float* out_max, int64_t* out_arg, int64_t*
   }
   for (; j < n; ++j)
     if (to_float(x[j]) == m) { *out_arg = j; return; }
-  *out_arg = 0;  // all -inf: every value equals m = -inf and the loop above returned; unreachable
+  *out_arg = 0;  // unreachable: m is one of the values
 }
 
 template <typename T>
@@ -141,29 +137,31 @@ inline void sift_down(HeapEntry* h, int64_t k, int64_t p) {
 }
 
 template <typename T>
-void row_topk_t(const T* x, int64_t n, int64_t k, float* val_out, int32_t* idx_out, void* scratch) {
+int64_t row_topk_t(const T* x, int64_t n, int64_t k, float* val_out, int32_t* idx_out, void* scratch) {
   HeapEntry* h = static_cast<HeapEntry*>(scratch);
-  for (int64_t i = 0; i < k; ++i) h[i] = {to_float(x[i]), (int32_t)i};
+  for (int64_t i = 0; i < k; ++i) {
+    h[i] = {to_float(x[i]), (int32_t)i};
+    if (is_bad(h[i].v)) return i;
+  }
   for (int64_t p = k / 2 - 1; p >= 0; --p) sift_down(h, k, p);
   float thr = h[0].v;
   int64_t i = k;
   // scalar head until aligned to W for the vector scan
-  for (; i < n && (i % W) != 0; ++i) {
-    const float v = to_float(x[i]);
-    if (v > thr) { h[0] = {v, (int32_t)i}; sift_down(h, k, 0); thr = h[0].v; }
-  }
+  // one compare per element: "greater than the worst kept value, or unordered (NaN)"
   for (; i + W <= n; i += W) {
     const VF v = load(x + i);
-    uint32_t m = bits(cmp_gt(v, set1(thr)));
+    uint32_t m = bits(cmp_gt_or_nan(v, set1(thr)));
     while (m) {
       const int l = __builtin_ctz(m);
       m &= m - 1;
       const float vl = to_float(x[i + l]);
+      if (is_bad(vl)) return i + l;
       if (vl > thr) { h[0] = {vl, (int32_t)(i + l)}; sift_down(h, k, 0); thr = h[0].v; }
     }
   }
   for (; i < n; ++i) {
     const float v = to_float(x[i]);
+    if (is_bad(v)) return i;
     if (v > thr) { h[0] = {v, (int32_t)i}; sift_down(h, k, 0); thr = h[0].v; }
   }
   // heap-sort: pop the worst to the back -> best-first order
@@ -177,6 +175,7 @@ void row_topk_t(const T* x, int64_t n, int64_t k, float* val_out, int32_t* idx_o
     val_out[j] = e.v;
     idx_out[j] = e.i;
   }
+  return -1;
 }
 
 template <typename T>
@@ -195,30 +194,31 @@ int64_t row_draw_block_t(const T* x, const ScoreMap& map, float tau, int64_t beg
   return last;
 }
 
-#define TT_ROW_DISPATCH(row, CALL)                                              \
-  switch ((row).dtype) {                                                        \
-    case DType::kFloat16: { using T = half_t; CALL; }                           \
-    case DType::kBFloat16: { using T = bf16_t; CALL; }                          \
-    default: { using T = float; CALL; }                                         \
-  }
-
 void row_max(RowView row, float* m, int64_t* arg, int64_t* bad) {
-  TT_ROW_DISPATCH(row, row_max_t(static_cast<const T*>(row.data), row.n, m, arg, bad); return)
+  TT_DISPATCH_FLOAT(row.dtype, T, row_max_t(static_cast<const T*>(row.data), row.n, m, arg, bad))
 }
 double row_mass(RowView row, ScoreMap map, float tau, double* block_cum) {
-  TT_ROW_DISPATCH(row, return row_mass_t(static_cast<const T*>(row.data), row.n, map, tau, block_cum))
+  double z = 0.0;
+  TT_DISPATCH_FLOAT(row.dtype, T, z = row_mass_t(static_cast<const T*>(row.data), row.n, map, tau, block_cum))
+  return z;
 }
 void row_hist(RowView row, ScoreMap map, double* mass, int64_t* count) {
-  TT_ROW_DISPATCH(row, row_hist_t(static_cast<const T*>(row.data), row.n, map, mass, count); return)
+  TT_DISPATCH_FLOAT(row.dtype, T, row_hist_t(static_cast<const T*>(row.data), row.n, map, mass, count))
 }
 int64_t row_collect_bin(RowView row, ScoreMap map, int bin, float* s_out, int32_t* idx_out) {
-  TT_ROW_DISPATCH(row, return row_collect_bin_t(static_cast<const T*>(row.data), row.n, map, bin, s_out, idx_out))
+  int64_t c = 0;
+  TT_DISPATCH_FLOAT(row.dtype, T, c = row_collect_bin_t(static_cast<const T*>(row.data), row.n, map, bin, s_out, idx_out))
+  return c;
 }
-void row_topk(RowView row, int64_t k, float* val_out, int32_t* idx_out, void* scratch) {
-  TT_ROW_DISPATCH(row, row_topk_t(static_cast<const T*>(row.data), row.n, k, val_out, idx_out, scratch); return)
+int64_t row_topk(RowView row, int64_t k, float* val_out, int32_t* idx_out, void* scratch) {
+  int64_t bad = -1;
+  TT_DISPATCH_FLOAT(row.dtype, T, bad = row_topk_t(static_cast<const T*>(row.data), row.n, k, val_out, idx_out, scratch))
+  return bad;
 }
 int64_t row_draw_block(RowView row, ScoreMap map, float tau, int64_t begin, int64_t end, double target) {
-  TT_ROW_DISPATCH(row, return row_draw_block_t(static_cast<const T*>(row.data), map, tau, begin, end, target))
+  int64_t tok = -1;
+  TT_DISPATCH_FLOAT(row.dtype, T, tok = row_draw_block_t(static_cast<const T*>(row.data), map, tau, begin, end, target))
+  return tok;
 }
 
 const CpuKernels kKernels = {row_max, row_mass, row_hist, row_collect_bin, row_topk, row_draw_block};

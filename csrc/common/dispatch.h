@@ -1,0 +1,29 @@
+// The closed sets of what kernels support, in one place, with run-time -> compile-time dispatch.
+// Adding a dtype (or, later, a head dim or bit width) means editing this file only; an unsupported
+// value is rejected by the op's validation with the list below in the message.
+#pragma once
+#include "common/dtype.h"
+
+namespace ttscale {
+
+// Element types of float inputs (logits, probabilities, activations).
+#define TT_FLOAT_DTYPES_STR "float32, float16, bfloat16"
+
+// TT_DISPATCH_FLOAT(dtype, T, body): runs `body` with T = float, half_t or bf16_t.
+#define TT_DISPATCH_FLOAT(dtype, T, ...)                        \
+  switch (dtype) {                                              \
+    case ::ttscale::DType::kFloat16: {                          \
+      using T = ::ttscale::half_t;                              \
+      __VA_ARGS__;                                              \
+    } break;                                                    \
+    case ::ttscale::DType::kBFloat16: {                         \
+      using T = ::ttscale::bf16_t;                              \
+      __VA_ARGS__;                                              \
+    } break;                                                    \
+    default: {                                                  \
+      using T = float;                                          \
+      __VA_ARGS__;                                              \
+    } break;                                                    \
+  }
+
+}  // namespace ttscale
