@@ -27,6 +27,33 @@ inline VF vscore(const ScoreMap& map, VF v) {
 inline VF vmass(const ScoreMap& map, VF s) { return map.probs_mode ? s : exp(s); }
 inline float smass(const ScoreMap& map, float s) { return map.probs_mode ? s : exp_scalar(s); }
 
+// Histogram bin of W scores (ScoreMap::bin, W lanes at a time), stored to out[0..W).
+inline void vbin_store(const ScoreMap& map, VF s, int32_t* out) {
+#if defined(TTSCALE_CPU_ISA_AVX2)
+  if (map.probs_mode) {
+    const __m256i d = _mm256_srli_epi32(_mm256_sub_epi32(_mm256_set1_epi32((int)map.max_bits), _mm256_castps_si256(s.v)),
+                                        sampling::kProbBinShift);
+    _mm256_storeu_si256((__m256i*)out, _mm256_min_epu32(d, _mm256_set1_epi32(kHistBins - 1)));
+  } else {
+    __m256 x = _mm256_mul_ps(s.v, _mm256_set1_ps(-(kHistBins / sampling::kHistRange)));
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps((float)(kHistBins - 1)));
+    _mm256_storeu_si256((__m256i*)out, _mm256_cvttps_epi32(x));
+  }
+#elif defined(TTSCALE_CPU_ISA_AVX512)
+  if (map.probs_mode) {
+    const __m512i d = _mm512_srli_epi32(_mm512_sub_epi32(_mm512_set1_epi32((int)map.max_bits), _mm512_castps_si512(s.v)),
+                                        sampling::kProbBinShift);
+    _mm512_storeu_si512(out, _mm512_min_epu32(d, _mm512_set1_epi32(kHistBins - 1)));
+  } else {
+    __m512 x = _mm512_mul_ps(s.v, _mm512_set1_ps(-(kHistBins / sampling::kHistRange)));
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps((float)(kHistBins - 1)));
+    _mm512_storeu_si512(out, _mm512_cvttps_epi32(x));
+  }
+#else
+  for (int l = 0; l < W; ++l) out[l] = map.bin(s.v[l]);
+#endif
+}
+
 inline bool is_bad(float v) { return v != v || v == INFINITY; }
 
 template <typename T>
@@ -87,17 +114,17 @@ template <typename T>
 void row_hist_t(const T* x, int64_t n, const ScoreMap& map, double* mass, int64_t* count) {
   for (int b = 0; b < kHistBins; ++b) { mass[b] = 0.0; count[b] = 0; }
   int64_t i = 0;
-  alignas(64) float sv[W], mv[W];
+  alignas(64) float mv[W];
+  alignas(64) int32_t bv[W];
   for (; i + W <= n; i += W) {
     const VF s = vscore<T>(map, load(x + i));
-    const VF ms = vmass(map, s);
-    // scatter-add has no SIMD form before AVX-512CD; scores and masses are computed W-wide
-    store(sv, s);
-    store(mv, ms);
+    // scores, masses and bins W-wide; the scatter-add itself is scalar (no SIMD form before
+    // AVX-512CD, and conflicts are common in the top bins)
+    store(mv, vmass(map, s));
+    vbin_store(map, s, bv);
     for (int l = 0; l < W; ++l) {
-      const int b = map.bin(sv[l]);
-      mass[b] += (double)mv[l];
-      count[b] += 1;
+      mass[bv[l]] += (double)mv[l];
+      count[bv[l]] += 1;
     }
   }
   for (; i < n; ++i) {
@@ -111,7 +138,25 @@ void row_hist_t(const T* x, int64_t n, const ScoreMap& map, double* mass, int64_
 template <typename T>
 int64_t row_collect_bin_t(const T* x, int64_t n, const ScoreMap& map, int bin, float* s_out, int32_t* idx_out) {
   int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  alignas(64) float sv[W];
+  alignas(64) int32_t bv[W];
+  for (; i + W <= n; i += W) {
+    const VF s = vscore<T>(map, load(x + i));
+    vbin_store(map, s, bv);
+    uint32_t hit = 0;
+    for (int l = 0; l < W; ++l) hit |= (uint32_t)(bv[l] == bin) << l;
+    if (!hit) continue;
+    store(sv, s);
+    while (hit) {
+      const int l = __builtin_ctz(hit);
+      hit &= hit - 1;
+      s_out[c] = sv[l];
+      idx_out[c] = (int32_t)(i + l);
+      ++c;
+    }
+  }
+  for (; i < n; ++i) {
     const float s = map.score(to_float(x[i]));
     if (map.bin(s) == bin) { s_out[c] = s; idx_out[c] = (int32_t)i; ++c; }
   }
