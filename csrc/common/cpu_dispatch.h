@@ -44,7 +44,7 @@ std::string set_isa(const std::string& name);
 
 // The kernel table of the active ISA.
 #define TT_CPU_SELECT(fn)                                                                  \
-  ([]() {                                                                                  \
+  ([]() -> decltype(::ttscale::cpu::generic::fn()) {                                       \
     switch (::ttscale::cpu::active_isa()) {                                                \
       case ::ttscale::cpu::Isa::kAvx512: return TT_IF_AVX512(::ttscale::cpu::avx512::fn()); \
       case ::ttscale::cpu::Isa::kAvx2: return TT_IF_AVX2(::ttscale::cpu::avx2::fn());       \

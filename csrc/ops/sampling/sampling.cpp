@@ -19,6 +19,7 @@
 
 #if defined(TTSCALE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include "ops/sampling/sampling_cuda.h"
 #endif
@@ -67,7 +68,7 @@ void check_range(const c10::optional<Tensor>& t, double scalar, const char* name
 
 bool capturing(const Tensor& t) {
 #if defined(TTSCALE_WITH_CUDA)
-  if (t.is_cuda()) return at::cuda::currentStreamCaptureStatus() != at::cuda::CaptureStatus::None;
+  if (t.is_cuda()) return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
 #endif
   (void)t;
   return false;
@@ -548,3 +549,175 @@ TORCH_LIBRARY_IMPL(ttscale, CPU, m) {
   m.impl("token_logprobs", &ttscale::sampling::token_logprobs_cpu);
   m.impl("speculative_verify", &ttscale::sampling::speculative_verify_cpu);
 }
+
+#if defined(TTSCALE_WITH_CUDA)
+// ---------------------------------------------------------------- CUDA registration
+// Validation is shared with the CPU path; per-row parameters are converted on the device (no sync),
+// the launcher (sampling_cuda.cu) runs on the current stream, and unless a CUDA graph is being
+// captured one int32[2] status word is read back to raise the same errors as the CPU path.
+namespace ttscale {
+namespace sampling {
+namespace {
+
+const double* cuda_float_param(const c10::optional<Tensor>& t, Tensor& holder) {
+  if (!t) return nullptr;
+  holder = t->to(at::kDouble).contiguous();
+  return holder.data_ptr<double>();
+}
+
+const int64_t* cuda_long_param(const c10::optional<Tensor>& t, Tensor& holder) {
+  if (!t) return nullptr;
+  holder = t->to(at::kLong).contiguous();
+  return holder.data_ptr<int64_t>();
+}
+
+// {0, INT32_MAX}: status[0] the error code, status[1] the smallest offending row (sampling_cuda.h).
+Tensor cuda_status(const Tensor& like) {
+  Tensor s = at::empty({2}, like.options().dtype(at::kInt));
+  s.narrow(0, 0, 1).fill_(0);
+  s.narrow(0, 1, 1).fill_(std::numeric_limits<int32_t>::max());
+  return s;
+}
+
+void check_launch(int err, const char* op) {
+  TT_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+// First NaN / +inf token of a row (the kernels report only the row).
+int64_t first_bad_token(const Tensor& row) {
+  const Tensor r = row.to(at::kFloat);
+  const Tensor bad = (r.isnan() | (r == std::numeric_limits<float>::infinity())).nonzero();
+  return bad.numel() > 0 ? bad[0][0].item<int64_t>() : -1;
+}
+
+std::tuple<Tensor, Tensor> sample_cuda_impl(const Tensor& x, const c10::optional<Tensor>& temperature,
+                                            double temperature_val, const c10::optional<Tensor>& top_k,
+                                            int64_t top_k_val, const c10::optional<Tensor>& top_p, double top_p_val,
+                                            const c10::optional<Tensor>& min_p, double min_p_val,
+                                            const c10::optional<Tensor>& indices, const Tensor& seed,
+                                            const Tensor& offset, bool is_probs, bool return_logprobs) {
+  const SampleInputs in = validate_sample(x, temperature, temperature_val, top_k, top_p, top_p_val, min_p, min_p_val,
+                                          indices, seed, offset, is_probs);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = in.N;
+  Tensor tokens = at::empty({N}, x.options().dtype(at::kLong));
+  Tensor logprobs = at::empty({return_logprobs ? N : 0}, x.options().dtype(at::kFloat));
+  if (N == 0) return {tokens, logprobs};
+
+  Tensor t_h, k_h, p_h, m_h, i_h;
+  const Tensor seed_c = seed.contiguous(), offset_c = offset.contiguous();
+  SampleCudaParams p;
+  p.x = x.data_ptr();
+  p.dtype = dtype_of(x.scalar_type());
+  p.B = in.B;
+  p.V = in.V;
+  p.row_stride = x.stride(0);
+  p.probs = is_probs;
+  p.temperature = cuda_float_param(temperature, t_h);
+  p.temperature_val = temperature_val;
+  p.top_k = cuda_long_param(top_k, k_h);
+  p.top_k_val = top_k_val;
+  p.top_p = cuda_float_param(top_p, p_h);
+  p.top_p_val = top_p_val;
+  p.min_p = cuda_float_param(min_p, m_h);
+  p.min_p_val = min_p_val;
+  p.indices = cuda_long_param(indices, i_h);
+  p.N = N;
+  p.seed = seed_c.data_ptr<int64_t>();
+  p.seed_len = seed_c.size(0);
+  p.offset = offset_c.data_ptr<int64_t>();
+  p.offset_len = offset_c.size(0);
+  p.out_tokens = tokens.data_ptr<int64_t>();
+  p.out_logprobs = return_logprobs ? logprobs.data_ptr<float>() : nullptr;
+  Tensor status = cuda_status(x);
+  p.status = status.data_ptr<int32_t>();
+  Tensor workspace = at::empty({(int64_t)std::max<size_t>(sample_cuda_workspace_bytes(p), 1)},
+                               x.options().dtype(at::kByte));
+  p.workspace = workspace.data_ptr();
+  check_launch(sample_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "sample");
+
+  if (!capturing(x)) {
+    const Tensor s = status.cpu();
+    const int32_t code = s.data_ptr<int32_t>()[0], row = s.data_ptr<int32_t>()[1];
+    const char* xname = is_probs ? "probs" : "logits";
+    TT_CHECK_VALUE(code != kStatusBadValue, xname, " row ", row, " contains NaN or +inf (at token ",
+                   first_bad_token(x.select(0, row)), ")");
+    TT_CHECK_VALUE(code != kStatusNoMass || is_probs, "logits row ", row,
+                   " has no finite value (every token is masked with -inf)");
+    TT_CHECK_VALUE(code != kStatusNoMass || !is_probs, "probs row ", row, " sums to zero");
+  }
+  return {tokens, logprobs};
+}
+
+Tensor token_logprobs_cuda_impl(const Tensor& logits, const Tensor& tokens, const c10::optional<Tensor>& temperature,
+                                double temperature_val) {
+  validate_token_logprobs(logits, tokens, temperature, temperature_val);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t B = logits.size(0);
+  Tensor out = at::empty({B}, logits.options().dtype(at::kFloat));
+  if (B == 0) return out;
+  Tensor t_h;
+  const Tensor tok = tokens.to(at::kLong).contiguous();
+  TokenLogprobsCudaParams p;
+  p.x = logits.data_ptr();
+  p.dtype = dtype_of(logits.scalar_type());
+  p.B = B;
+  p.V = logits.size(1);
+  p.row_stride = logits.stride(0);
+  p.tokens = tok.data_ptr<int64_t>();
+  p.temperature = cuda_float_param(temperature, t_h);
+  p.temperature_val = temperature_val;
+  p.out = out.data_ptr<float>();
+  Tensor status = cuda_status(logits);
+  p.status = status.data_ptr<int32_t>();
+  check_launch(token_logprobs_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "token_logprobs");
+
+  if (!capturing(logits)) {
+    const Tensor s = status.cpu();
+    const int32_t code = s.data_ptr<int32_t>()[0], row = s.data_ptr<int32_t>()[1];
+    TT_CHECK_VALUE(code != kStatusBadValue, "logits row ", row, " contains NaN or +inf");
+    TT_CHECK_VALUE(code != kStatusNoMass, "logits row ", row, " has no finite value");
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor> speculative_verify_cuda_impl(const Tensor& draft_tokens, const Tensor& draft_probs,
+                                                        const Tensor& target_probs, const Tensor& seed,
+                                                        const Tensor& offset) {
+  validate_speculative(draft_tokens, draft_probs, target_probs, seed, offset);
+  const c10::cuda::CUDAGuard guard(draft_tokens.device());
+  const int64_t B = draft_tokens.size(0), n = draft_tokens.size(1);
+  Tensor out = at::empty({B, n + 1}, draft_tokens.options().dtype(at::kLong));
+  Tensor acc = at::empty({B}, draft_tokens.options().dtype(at::kLong));
+  if (B == 0) return {out, acc};
+  const Tensor dt = draft_tokens.to(at::kLong).contiguous();
+  const Tensor q = draft_probs.contiguous(), pr = target_probs.contiguous();
+  const Tensor seed_c = seed.contiguous(), offset_c = offset.contiguous();
+  SpeculativeCudaParams p;
+  p.draft_tokens = dt.data_ptr<int64_t>();
+  p.draft_probs = q.data_ptr();
+  p.target_probs = pr.data_ptr();
+  p.dtype = dtype_of(draft_probs.scalar_type());
+  p.B = B;
+  p.n = n;
+  p.V = draft_probs.size(2);
+  p.seed = seed_c.data_ptr<int64_t>();
+  p.seed_len = seed_c.size(0);
+  p.offset = offset_c.data_ptr<int64_t>();
+  p.offset_len = offset_c.size(0);
+  p.out_tokens = out.data_ptr<int64_t>();
+  p.num_accepted = acc.data_ptr<int64_t>();
+  check_launch(speculative_verify_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "speculative_verify");
+  return {out, acc};
+}
+
+}  // namespace
+}  // namespace sampling
+}  // namespace ttscale
+
+TORCH_LIBRARY_IMPL(ttscale, CUDA, m) {
+  m.impl("sample", &ttscale::sampling::sample_cuda_impl);
+  m.impl("token_logprobs", &ttscale::sampling::token_logprobs_cuda_impl);
+  m.impl("speculative_verify", &ttscale::sampling::speculative_verify_cuda_impl);
+}
+#endif  // TTSCALE_WITH_CUDA

@@ -1,7 +1,8 @@
 // Torch-free launcher interface of the CUDA sampling kernels (sampling_cuda.cu). The torch side
 // (sampling.cpp, under TTSCALE_WITH_CUDA) validates inputs, converts per-row parameters to the
 // dtypes below on the device, allocates outputs/workspace, and calls these on the current stream.
-// All pointers are device pointers. Semantics are those of sampling.h, and the same (seed, offset)
+// All pointers are device pointers. Float parameters are double, as on the CPU path, so 1/T,
+// log(min_p) and top_p * mass round the same way on both devices. Semantics are those of sampling.h, and the same (seed, offset)
 // draws the same tokens as the CPU path (up to fp32 rounding at a CDF boundary).
 #pragma once
 #include <cstddef>
@@ -21,10 +22,10 @@ struct SampleCudaParams {
   DType dtype = DType::kFloat32;
   int64_t B = 0, V = 0, row_stride = 0;
   bool probs = false;          // probabilities instead of logits (no temperature)
-  const float* temperature = nullptr;  float temperature_val = 1.0f;  // [B] or scalar; 0 = greedy
+  const double* temperature = nullptr; double temperature_val = 1.0;  // [B] or scalar; 0 = greedy
   const int64_t* top_k = nullptr;      int64_t top_k_val = 0;         // <= 0 or >= V: off
-  const float* top_p = nullptr;        float top_p_val = 1.0f;        // >= 1: off
-  const float* min_p = nullptr;        float min_p_val = 0.0f;        // <= 0: off
+  const double* top_p = nullptr;       double top_p_val = 1.0;        // >= 1: off
+  const double* min_p = nullptr;       double min_p_val = 0.0;        // <= 0: off
   const int64_t* indices = nullptr;    // [N] rows to draw from (nullptr: N == B, sample i from row i)
   int64_t N = 0;
   const int64_t* seed = nullptr;   int64_t seed_len = 1;    // 1 or N
@@ -41,7 +42,7 @@ struct TokenLogprobsCudaParams {
   const void* x = nullptr; DType dtype = DType::kFloat32;
   int64_t B = 0, V = 0, row_stride = 0;
   const int64_t* tokens = nullptr;     // [B]
-  const float* temperature = nullptr; float temperature_val = 1.0f;  // 0 means 1 here
+  const double* temperature = nullptr; double temperature_val = 1.0;  // 0 means 1 here
   float* out = nullptr;                // [B]
   int32_t* status = nullptr;           // [2]
 };
