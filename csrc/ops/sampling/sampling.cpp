@@ -214,7 +214,7 @@ void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, i
   }
   plan.argmax = arg;
   ScoreMap map{probs ? 1 : 0, m, 1.0f, float_to_bits(m)};
-  if (!probs && T > 0) map.inv_t = (float)(1.0 / T);
+  if (!probs && T > 0) map.inv_t = inv_temperature(T);
   plan.map = map;
   plan.lp_map = map;  // greedy rows: logprobs at temperature 1 (map.inv_t stays 1)
   if (want_logprobs) plan.log_z = std::log(K.row_mass(row, plan.lp_map, -INFINITY, nullptr));
@@ -414,7 +414,7 @@ Tensor token_logprobs_cpu(const Tensor& logits, const Tensor& tokens, const c10:
       if (bad >= 0) { err.set(r, "logits row " + std::to_string(r) + " contains NaN or +inf"); continue; }
       if (m == -INFINITY) { err.set(r, "logits row " + std::to_string(r) + " has no finite value"); continue; }
       const double t = T.at(r);
-      const ScoreMap map{0, m, (float)(t > 0 ? 1.0 / t : 1.0), 0u};
+      const ScoreMap map{0, m, (t > 0 ? inv_temperature(t) : 1.0f), 0u};
       const double log_z = std::log(K.row_mass(row, map, -INFINITY, nullptr));
       o[r] = (float)((double)map.score(raw_value(row, tok[r])) - log_z);
     }

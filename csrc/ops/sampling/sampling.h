@@ -10,8 +10,12 @@
 //            (ties at the cut value are all kept); top_p >= 1: off; top_p = 0 keeps the first token
 //     min-p  keep mass_j >= min_p * max_mass; min_p <= 0: off
 //   T_r == 0 is greedy (first argmax). The drawn token j satisfies  C_{j-1} <= u * Z < C_j  where C
-//   is the running kept mass in token order, Z the total kept mass and u the Philox uniform for the
-//   draw: inverse-CDF sampling, so a token of zero mass is never drawn.
+//   is the running kept mass, Z the total kept mass and u the Philox uniform for the draw:
+//   inverse-CDF sampling, so a token of zero mass is never drawn. The running mass is taken in
+//   token order, except when top-k is active: then over the kept candidates best first (value
+//   descending, ties by lower id), the order the top-k selection produces them in.
+//   1/T is computed in double and clamped to FLT_MAX (inv_temperature), so a tiny positive T
+//   behaves like greedy instead of producing 0 * inf.
 //
 // CPU algorithm (per row, then per draw): a row plan is built once per distinct row, then each draw
 // costs O(log V + block). Plans are one of
@@ -97,6 +101,13 @@ TT_HD int64_t upper_bound_cum(const double* cum, int64_t n, double target) {
     if (cum[mid] > target) hi = mid; else lo = mid + 1;
   }
   return lo < n ? lo : n - 1;
+}
+
+// 1 / T for the score map, clamped so that (v - max) * inv_t is 0 for the max and -inf (never NaN)
+// for the rest when T is tiny (1/T would overflow fp32 below T ~ 3e-39).
+TT_HD float inv_temperature(double T) {
+  const double inv = 1.0 / T;
+  return inv < 3.4028234663852886e38 ? (float)inv : 3.4028234663852886e38f;
 }
 
 // Speculative verification, one draft position: accept token t drafted with probability q under

@@ -170,7 +170,7 @@ TT_DEVICE RowParams row_params(const SampleCudaParams& p, int64_t r) {
   return rp;
 }
 
-TT_DEVICE float inv_temperature(bool probs, double T) { return (!probs && T > 0.0) ? (float)(1.0 / T) : 1.0f; }
+TT_DEVICE float inv_temperature(bool probs, double T) { return (!probs && T > 0.0) ? sampling::inv_temperature(T) : 1.0f; }
 
 TT_DEVICE ScoreMap make_map(bool probs, float m, float inv_t) {
   ScoreMap map;
@@ -1156,7 +1156,7 @@ __global__ void __launch_bounds__(kLogprobThreads) token_logprobs_kernel(TokenLo
   const E* row = static_cast<const E*>(p.x) + r * p.row_stride;
   const bool aligned = aligned16(row);
   const double T = (double)(p.temperature ? p.temperature[r] : p.temperature_val);
-  const float inv_t = T > 0.0 ? (float)(1.0 / T) : 1.0f;
+  const float inv_t = T > 0.0 ? sampling::inv_temperature(T) : 1.0f;
   float mt = -INFINITY, st = 0.0f;
   int bad = INT_MAX;
   const int64_t nO = (p.V + 7) >> 3;

@@ -10,6 +10,11 @@ each on the distribution renormalised by the ones before it, as vLLM and SGLang 
    token; tokens tied at the cut are all kept); ``top_p >= 1`` disables.
 4. ``min_p``: keep tokens with probability ``>= min_p * p_max``; ``min_p <= 0`` disables.
 
+A draw is inverse-CDF sampling of the filtered law at one Philox uniform ``u``: the first token
+whose running kept mass exceeds ``u * total``, in token order, or, when top-k is active, over the
+kept candidates best first (value descending, ties by lower id). A tiny positive temperature
+behaves like greedy (``1/T`` is clamped to the float32 range).
+
 Randomness is Philox4x32-10 (``csrc/common/philox.h``), identical on CPU and CUDA: the same
 ``(seed, offset)`` draws the same tokens on either device. Without an explicit ``seed`` a fresh
 64-bit seed is drawn from ``generator`` (or torch's default generator for the device), so its state
