@@ -9,7 +9,7 @@
 //   load(const float*/half_t*/bf16_t*)  widen W elements to fp32      set1(x)   store(float*, v)
 //   add sub mul fmadd(a,b,c)=a*b+c max   hmax hsum                     exp(x) (0 for x < -87.3)
 //   cmp_ge cmp_gt cmp_eq cmp_gt_or_nan -> VM           bits(VM) -> uint32 lane bits  select(m, a, b)
-//   bad(x): lanes that are NaN or +inf
+//   bad(x): lanes that are NaN or +inf      mask_or(m1, m2)
 #pragma once
 #if !defined(TTSCALE_CPU_ISA)
 #error "cpu_simd.h is only for the per-ISA kernel files (*_cpu.cpp)"
@@ -77,9 +77,8 @@ inline VM cmp_ge(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ); 
 inline VM cmp_gt(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
 inline VM cmp_gt_or_nan(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_NLE_UQ); }
 inline VM cmp_eq(VF a, VF b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_EQ_OQ); }
-inline VM bad(VF a) {
-  return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ);
-}
+inline VM bad(VF a) { return _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ); }  // NaN or +inf
+inline VM mask_or(VM a, VM b) { return a | b; }
 inline uint32_t bits(VM m) { return (uint32_t)m; }
 inline VF select(VM m, VF a, VF b) { return {_mm512_mask_blend_ps(m, b.v, a.v)}; }
 inline float hmax(VF a) { return _mm512_reduce_max_ps(a.v); }
@@ -121,9 +120,8 @@ inline VM cmp_ge(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ)}; }
 inline VM cmp_gt(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
 inline VM cmp_gt_or_nan(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_NLE_UQ)}; }
 inline VM cmp_eq(VF a, VF b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_EQ_OQ)}; }
-inline VM bad(VF a) {
-  return {_mm256_or_ps(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q), _mm256_cmp_ps(a.v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ))};
-}
+inline VM bad(VF a) { return {_mm256_cmp_ps(a.v, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ)}; }  // NaN or +inf
+inline VM mask_or(VM a, VM b) { return {_mm256_or_ps(a.m, b.m)}; }
 inline uint32_t bits(VM m) { return (uint32_t)_mm256_movemask_ps(m.m); }
 inline VF select(VM m, VF a, VF b) { return {_mm256_blendv_ps(b.v, a.v, m.m)}; }
 inline float hmax(VF a) {
@@ -174,9 +172,10 @@ inline VM cmp_gt_or_nan(VF a, VF b) { uint32_t m = 0; for (int i = 0; i < W; ++i
 inline VM cmp_eq(VF a, VF b) { uint32_t m = 0; for (int i = 0; i < W; ++i) m |= (uint32_t)(a.v[i] == b.v[i]) << i; return {m}; }
 inline VM bad(VF a) {
   uint32_t m = 0;
-  for (int i = 0; i < W; ++i) m |= (uint32_t)(std::isnan(a.v[i]) || a.v[i] == INFINITY) << i;
+  for (int i = 0; i < W; ++i) m |= (uint32_t)!(a.v[i] < INFINITY) << i;  // NaN or +inf
   return {m};
 }
+inline VM mask_or(VM a, VM b) { return {a.b | b.b}; }
 inline uint32_t bits(VM m) { return m.b; }
 inline VF select(VM m, VF a, VF b) { for (int i = 0; i < W; ++i) if (m.b >> i & 1u) b.v[i] = a.v[i]; return b; }
 inline float hmax(VF a) { float r = a.v[0]; for (int i = 1; i < W; ++i) r = a.v[i] > r ? a.v[i] : r; return r; }

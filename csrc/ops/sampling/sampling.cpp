@@ -196,7 +196,8 @@ void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, i
     m = vals[0];
     arg = ids[0];
   } else {
-    K.row_max(row, &m, &arg, &bad);
+    arg = 0;
+    K.row_max(row, &m, greedy ? &arg : nullptr, &bad);  // argmax only for greedy rows
   }
   const char* xname = probs ? "probs" : "logits";
   if (bad >= 0) {
@@ -299,7 +300,9 @@ int64_t draw(const CpuKernels& K, const RowView& row, const RowPlan& plan, doubl
       const double prev = b > 0 ? plan.cum[b - 1] : 0.0;
       const int64_t tok = K.row_draw_block(row, plan.map, plan.tau, b * kBlock, std::min(row.n, (b + 1) * kBlock),
                                            target - prev);
-      return tok >= 0 ? tok : plan.argmax;  // unreachable in exact arithmetic: block b has positive mass
+      if (tok >= 0) return tok;
+      // unreachable in exact arithmetic (block b has positive kept mass): rescan the whole row
+      return K.row_draw_block(row, plan.map, plan.tau, 0, row.n, target);
     }
   }
 }
@@ -409,8 +412,8 @@ Tensor token_logprobs_cpu(const Tensor& logits, const Tensor& tokens, const c10:
     for (int64_t r = r0; r < r1; ++r) {
       const RowView row{base + r * row_bytes, dt, V};
       float m;
-      int64_t arg, bad;
-      K.row_max(row, &m, &arg, &bad);
+      int64_t bad;
+      K.row_max(row, &m, nullptr, &bad);
       if (bad >= 0) { err.set(r, "logits row " + std::to_string(r) + " contains NaN or +inf"); continue; }
       if (m == -INFINITY) { err.set(r, "logits row " + std::to_string(r) + " has no finite value"); continue; }
       const double t = T.at(r);

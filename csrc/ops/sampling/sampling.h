@@ -71,7 +71,8 @@ struct RowView {
 
 // Per-ISA CPU primitives (csrc/ops/sampling/sampling_cpu.cpp, one copy per ISA).
 struct CpuKernels {
-  // max over the row (fp32), index of its first occurrence, index of the first NaN or +inf (-1: none)
+  // max over the row (fp32), index of its first occurrence (skipped when argmax is nullptr: it
+  // costs another partial pass), index of the first NaN or +inf (-1: none)
   void (*row_max)(RowView row, float* max, int64_t* argmax, int64_t* first_bad);
   // Sum of the mass of tokens with s >= tau. If block_cum != nullptr, block_cum[b] = kept mass of
   // tokens [0, (b+1)*kBlock) (inclusive prefix sums over blocks).

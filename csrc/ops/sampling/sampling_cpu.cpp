@@ -63,17 +63,23 @@ void row_max_t(const T* x, int64_t n, float* out_max, int64_t* out_arg, int64_t*
   int64_t i = 0;
   for (; i + 4 * W <= n; i += 4 * W) {
     const VF v0 = load(x + i), v1 = load(x + i + W), v2 = load(x + i + 2 * W), v3 = load(x + i + 3 * W);
-    if (bits(bad(v0)) | bits(bad(v1)) | bits(bad(v2)) | bits(bad(v3))) break;
+    if (bits(mask_or(mask_or(bad(v0), bad(v1)), mask_or(bad(v2), bad(v3))))) break;
     m0 = max(m0, v0); m1 = max(m1, v1); m2 = max(m2, v2); m3 = max(m3, v3);
   }
   float m = hmax(max(max(m0, m1), max(m2, m3)));
   *out_bad = -1;
   for (; i < n; ++i) {
     const float v = to_float(x[i]);
-    if (is_bad(v)) { *out_bad = i; *out_max = m; *out_arg = -1; return; }
+    if (is_bad(v)) {
+      *out_bad = i;
+      *out_max = m;
+      if (out_arg) *out_arg = -1;
+      return;
+    }
     m = v > m ? v : m;
   }
   *out_max = m;
+  if (!out_arg) return;
   // first index of the max: an early-exit pass (on random data it stops half way on average)
   const VF target = set1(m);
   int64_t j = 0;
@@ -86,25 +92,37 @@ void row_max_t(const T* x, int64_t n, float* out_max, int64_t* out_arg, int64_t*
   *out_arg = 0;  // unreachable: m is one of the values
 }
 
-template <typename T>
+template <bool kMasked, typename T>
 double row_mass_t(const T* x, int64_t n, const ScoreMap& map, float tau, double* block_cum) {
+  // Two independent accumulators per block give the exp polynomial chains room to overlap.
+  // Unmasked (tau = -inf) rows skip the compare/select: exp already maps -inf to 0.
   const VF vtau = set1(tau);
   const VF zero = set1(0.0f);
   double total = 0.0;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = b0 + kBlock < n ? b0 + kBlock : n;
-    VF acc = zero;
+    VF acc0 = zero, acc1 = zero;
     int64_t i = b0;
+    for (; i + 2 * W <= b1; i += 2 * W) {
+      const VF s0 = vscore<T>(map, load(x + i)), s1 = vscore<T>(map, load(x + i + W));
+      if (kMasked) {
+        acc0 = add(acc0, select(cmp_ge(s0, vtau), vmass(map, s0), zero));
+        acc1 = add(acc1, select(cmp_ge(s1, vtau), vmass(map, s1), zero));
+      } else {
+        acc0 = add(acc0, vmass(map, s0));
+        acc1 = add(acc1, vmass(map, s1));
+      }
+    }
     for (; i + W <= b1; i += W) {
-      const VF s = vscore<T>(map, load(x + i));
-      acc = add(acc, select(cmp_ge(s, vtau), vmass(map, s), zero));
+      const VF s0 = vscore<T>(map, load(x + i));
+      acc0 = add(acc0, kMasked ? select(cmp_ge(s0, vtau), vmass(map, s0), zero) : vmass(map, s0));
     }
     float tail = 0.0f;
     for (; i < b1; ++i) {
-      const float s = map.score(to_float(x[i]));
-      if (s >= tau) tail += smass(map, s);
+      const float s0 = map.score(to_float(x[i]));
+      if (s0 >= tau) tail += smass(map, s0);
     }
-    total += (double)hsum(acc) + (double)tail;
+    total += (double)hsum(add(acc0, acc1)) + (double)tail;
     if (block_cum) block_cum[b0 / kBlock] = total;
   }
   return total;
@@ -244,7 +262,11 @@ void row_max(RowView row, float* m, int64_t* arg, int64_t* bad) {
 }
 double row_mass(RowView row, ScoreMap map, float tau, double* block_cum) {
   double z = 0.0;
-  TT_DISPATCH_FLOAT(row.dtype, T, z = row_mass_t(static_cast<const T*>(row.data), row.n, map, tau, block_cum))
+  if (tau == -INFINITY) {
+    TT_DISPATCH_FLOAT(row.dtype, T, z = row_mass_t<false>(static_cast<const T*>(row.data), row.n, map, tau, block_cum))
+  } else {
+    TT_DISPATCH_FLOAT(row.dtype, T, z = row_mass_t<true>(static_cast<const T*>(row.data), row.n, map, tau, block_cum))
+  }
   return z;
 }
 void row_hist(RowView row, ScoreMap map, double* mass, int64_t* count) {
