@@ -27,3 +27,28 @@ namespace ttscale {
   }
 
 }  // namespace ttscale
+
+namespace ttscale {
+
+// Attention head dimensions with compiled kernels.
+#define TT_HEAD_DIMS_STR "64, 128, 256"
+inline bool head_dim_supported(int64_t d) { return d == 64 || d == 128 || d == 256; }
+
+// TT_DISPATCH_HEAD_DIM(d, D, body): runs `body` with constexpr int D in {64, 128, 256}.
+#define TT_DISPATCH_HEAD_DIM(d, D, ...)          \
+  switch (d) {                                   \
+    case 64: {                                   \
+      constexpr int D = 64;                      \
+      __VA_ARGS__;                               \
+    } break;                                     \
+    case 128: {                                  \
+      constexpr int D = 128;                     \
+      __VA_ARGS__;                               \
+    } break;                                     \
+    default: {                                   \
+      constexpr int D = 256;                     \
+      __VA_ARGS__;                               \
+    } break;                                     \
+  }
+
+}  // namespace ttscale

@@ -1,0 +1,76 @@
+// Attention math shared by every attention op (dense, paged, shared-prefix, sparse) and by the CPU
+// and CUDA paths. Conventions (DESIGN.md): LSE is the natural log of the softmax normaliser,
+// float32, [T, Hq]; an empty key set gives output 0 and LSE -inf.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/host_device.h"
+
+namespace ttscale {
+namespace attn {
+
+// Which keys a query may see. Positions are in key coordinates: a query's position is
+// q_pos = q_idx + (kv_len - q_len) (causal masks aligned bottom-right, as FlashAttention >= 2.1 and
+// FlashInfer). Causal: k_pos <= q_pos. Sliding window (window_left >= 0): k_pos >= q_pos - window_left.
+TT_HD bool visible(int64_t q_pos, int64_t k_pos, bool causal, int64_t window_left) {
+  if (causal && k_pos > q_pos) return false;
+  if (window_left >= 0 && k_pos < q_pos - window_left) return false;
+  return true;
+}
+
+// First and one-past-last visible key for a query (the visible keys are a contiguous range).
+TT_HD void visible_range(int64_t q_pos, int64_t kv_len, bool causal, int64_t window_left, int64_t* k_begin,
+                         int64_t* k_end) {
+  int64_t e = causal ? (q_pos + 1 < kv_len ? q_pos + 1 : kv_len) : kv_len;
+  int64_t b = window_left >= 0 ? q_pos - window_left : 0;
+  if (b < 0) b = 0;
+  if (e < b) e = b;
+  *k_begin = b;
+  *k_end = e;
+}
+
+// tanh soft-capping of a logit (Gemma 2): cap * tanh(x / cap); cap <= 0 disables.
+TT_HD float softcap(float x, float cap) { return cap > 0.0f ? cap * tanhf(x / cap) : x; }
+
+// Online softmax state of one query row: running max m (of scaled logits) and running sum l of
+// exp(s - m). out accumulates sum exp(s - m) * v with the same rescaling.
+struct OnlineSoftmax {
+  float m;
+  float l;
+  TT_HD void init() { m = -INFINITY; l = 0.0f; }
+  // Returns the factor the accumulated output must be multiplied by before adding p * v for the
+  // new block whose max is blk_max; updates m (l is updated by the caller with the block sum).
+  TT_HD float rescale_to(float blk_max) {
+    const float m_new = blk_max > m ? blk_max : m;
+    const float alpha = (m == -INFINITY) ? 0.0f : expf(m - m_new);
+    l *= alpha;
+    m = m_new;
+    return alpha;
+  }
+  TT_HD float lse() const { return l > 0.0f ? m + logf(l) : -INFINITY; }
+};
+
+// Merging two partial attention results over disjoint key sets (FlashInfer's merge_state, natural
+// log): w_a = e^{lse_a - lse}, w_b = e^{lse_b - lse}, lse = log(e^{lse_a} + e^{lse_b}),
+// out = w_a out_a + w_b out_b. Both empty (-inf): weights 0 and lse -inf.
+struct MergeWeights {
+  float wa, wb, lse;
+};
+TT_HD MergeWeights merge_weights(float lse_a, float lse_b) {
+  MergeWeights r;
+  const float mx = lse_a > lse_b ? lse_a : lse_b;
+  if (mx == -INFINITY) {
+    r.wa = 0.0f; r.wb = 0.0f; r.lse = -INFINITY;
+    return r;
+  }
+  const float ea = expf(lse_a - mx), eb = expf(lse_b - mx);
+  const float s = ea + eb;
+  r.wa = ea / s;
+  r.wb = eb / s;
+  r.lse = mx + logf(s);
+  return r;
+}
+
+}  // namespace attn
+}  // namespace ttscale
