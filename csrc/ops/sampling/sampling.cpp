@@ -269,7 +269,8 @@ void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, i
     // exact cut inside the bin: sort its tokens by score, descending
     std::vector<float> s(hcount[cut]);
     std::vector<int32_t> id(hcount[cut]);
-    const int64_t c = K.row_collect_bin(row, map, cut, s.data(), id.data());
+    // (the same fp32 arithmetic as the histogram, so c == hcount[cut]; the cap only guards memory)
+    const int64_t c = K.row_collect_bin(row, map, cut, s.data(), id.data(), hcount[cut]);
     std::sort(s.begin(), s.begin() + c, [](float a, float b) { return a > b; });
     tau = c > 0 ? s[c - 1] : -INFINITY;
     for (int64_t j = 0; j < c; ++j) {

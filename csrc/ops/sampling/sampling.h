@@ -79,8 +79,8 @@ struct CpuKernels {
   double (*row_mass)(RowView row, ScoreMap map, float tau, double* block_cum);
   // mass and count per histogram bin (arrays of kHistBins, zeroed by the callee)
   void (*row_hist)(RowView row, ScoreMap map, double* mass, int64_t* count);
-  // scores and token ids of the tokens in `bin`, in token order; returns how many
-  int64_t (*row_collect_bin)(RowView row, ScoreMap map, int bin, float* s_out, int32_t* idx_out);
+  // scores and token ids of the tokens in `bin`, in token order, at most `cap`; returns how many
+  int64_t (*row_collect_bin)(RowView row, ScoreMap map, int bin, float* s_out, int32_t* idx_out, int64_t cap);
   // the k largest raw values with their ids, sorted (value desc, id asc); 1 <= k <= n;
   // scratch holds k * kTopkScratchBytes bytes (the heap). Returns the index of the first NaN or
   // +inf met (the scan stops there), or -1.

@@ -154,7 +154,8 @@ void row_hist_t(const T* x, int64_t n, const ScoreMap& map, double* mass, int64_
 }
 
 template <typename T>
-int64_t row_collect_bin_t(const T* x, int64_t n, const ScoreMap& map, int bin, float* s_out, int32_t* idx_out) {
+int64_t row_collect_bin_t(const T* x, int64_t n, const ScoreMap& map, int bin, float* s_out, int32_t* idx_out,
+                          int64_t cap) {
   int64_t c = 0;
   int64_t i = 0;
   alignas(64) float sv[W];
@@ -169,6 +170,7 @@ int64_t row_collect_bin_t(const T* x, int64_t n, const ScoreMap& map, int bin, f
     while (hit) {
       const int l = __builtin_ctz(hit);
       hit &= hit - 1;
+      if (c == cap) return c;
       s_out[c] = sv[l];
       idx_out[c] = (int32_t)(i + l);
       ++c;
@@ -176,7 +178,10 @@ int64_t row_collect_bin_t(const T* x, int64_t n, const ScoreMap& map, int bin, f
   }
   for (; i < n; ++i) {
     const float s = map.score(to_float(x[i]));
-    if (map.bin(s) == bin) { s_out[c] = s; idx_out[c] = (int32_t)i; ++c; }
+    if (map.bin(s) == bin) {
+      if (c == cap) return c;
+      s_out[c] = s; idx_out[c] = (int32_t)i; ++c;
+    }
   }
   return c;
 }
@@ -272,9 +277,9 @@ double row_mass(RowView row, ScoreMap map, float tau, double* block_cum) {
 void row_hist(RowView row, ScoreMap map, double* mass, int64_t* count) {
   TT_DISPATCH_FLOAT(row.dtype, T, row_hist_t(static_cast<const T*>(row.data), row.n, map, mass, count))
 }
-int64_t row_collect_bin(RowView row, ScoreMap map, int bin, float* s_out, int32_t* idx_out) {
+int64_t row_collect_bin(RowView row, ScoreMap map, int bin, float* s_out, int32_t* idx_out, int64_t cap) {
   int64_t c = 0;
-  TT_DISPATCH_FLOAT(row.dtype, T, c = row_collect_bin_t(static_cast<const T*>(row.data), row.n, map, bin, s_out, idx_out))
+  TT_DISPATCH_FLOAT(row.dtype, T, c = row_collect_bin_t(static_cast<const T*>(row.data), row.n, map, bin, s_out, idx_out, cap))
   return c;
 }
 int64_t row_topk(RowView row, int64_t k, float* val_out, int32_t* idx_out, void* scratch) {
