@@ -248,13 +248,28 @@ int64_t row_topk_t(const T* x, int64_t n, int64_t k, float* val_out, int32_t* id
 
 template <typename T>
 int64_t row_draw_block_t(const T* x, const ScoreMap& map, float tau, int64_t begin, int64_t end, double target) {
+  // Masses W at a time with the same vector exp as row_mass (so the running sum tracks the block
+  // prefix sums closely), then a sequential double running sum.
   double c = 0.0;
   int64_t last = -1;
-  for (int64_t i = begin; i < end; ++i) {
-    const float s = map.score(to_float(x[i]));
-    if (!(s >= tau)) continue;
-    const float ms = smass(map, s);
-    if (ms <= 0.0f) continue;
+  alignas(64) float mv[W];
+  const VF vtau = set1(tau), zero = set1(0.0f);
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    const VF sv = vscore<T>(map, load(x + i));
+    store(mv, select(cmp_ge(sv, vtau), vmass(map, sv), zero));
+    for (int l = 0; l < W; ++l) {
+      if (!(mv[l] > 0.0f)) continue;
+      c += (double)mv[l];
+      last = i + l;
+      if (c > target) return last;
+    }
+  }
+  for (; i < end; ++i) {
+    const float sc = map.score(to_float(x[i]));
+    if (!(sc >= tau)) continue;
+    const float ms = smass(map, sc);
+    if (!(ms > 0.0f)) continue;
     c += (double)ms;
     last = i;
     if (c > target) return i;
