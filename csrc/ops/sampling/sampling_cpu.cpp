@@ -27,32 +27,48 @@ inline VF vscore(const ScoreMap& map, VF v) {
 inline VF vmass(const ScoreMap& map, VF s) { return map.probs_mode ? s : exp(s); }
 inline float smass(const ScoreMap& map, float s) { return map.probs_mode ? s : exp_scalar(s); }
 
-// Histogram bin of W scores (ScoreMap::bin, W lanes at a time), stored to out[0..W).
-inline void vbin_store(const ScoreMap& map, VF s, int32_t* out) {
+// Histogram bins of W scores (ScoreMap::bin, W lanes at a time): vbin_store writes them to
+// out[0..W); vbin_eq returns the lane mask of scores that fall in `bin`.
 #if defined(TTSCALE_CPU_ISA_AVX2)
+inline __m256i vbin(const ScoreMap& map, VF s) {
   if (map.probs_mode) {
     const __m256i d = _mm256_srli_epi32(_mm256_sub_epi32(_mm256_set1_epi32((int)map.max_bits), _mm256_castps_si256(s.v)),
                                         sampling::kProbBinShift);
-    _mm256_storeu_si256((__m256i*)out, _mm256_min_epu32(d, _mm256_set1_epi32(kHistBins - 1)));
-  } else {
-    __m256 x = _mm256_mul_ps(s.v, _mm256_set1_ps(-(kHistBins / sampling::kHistRange)));
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps((float)(kHistBins - 1)));
-    _mm256_storeu_si256((__m256i*)out, _mm256_cvttps_epi32(x));
+    return _mm256_min_epu32(d, _mm256_set1_epi32(kHistBins - 1));
   }
+  __m256 x = _mm256_mul_ps(s.v, _mm256_set1_ps(-(kHistBins / sampling::kHistRange)));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_setzero_ps()), _mm256_set1_ps((float)(kHistBins - 1)));
+  return _mm256_cvttps_epi32(x);
+}
+inline void vbin_store(const ScoreMap& map, VF s, int32_t* out) { _mm256_storeu_si256((__m256i*)out, vbin(map, s)); }
+inline uint32_t vbin_eq(const ScoreMap& map, VF s, int bin) {
+  return (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(vbin(map, s), _mm256_set1_epi32(bin))));
+}
 #elif defined(TTSCALE_CPU_ISA_AVX512)
+inline __m512i vbin(const ScoreMap& map, VF s) {
   if (map.probs_mode) {
     const __m512i d = _mm512_srli_epi32(_mm512_sub_epi32(_mm512_set1_epi32((int)map.max_bits), _mm512_castps_si512(s.v)),
                                         sampling::kProbBinShift);
-    _mm512_storeu_si512(out, _mm512_min_epu32(d, _mm512_set1_epi32(kHistBins - 1)));
-  } else {
-    __m512 x = _mm512_mul_ps(s.v, _mm512_set1_ps(-(kHistBins / sampling::kHistRange)));
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps((float)(kHistBins - 1)));
-    _mm512_storeu_si512(out, _mm512_cvttps_epi32(x));
+    return _mm512_min_epu32(d, _mm512_set1_epi32(kHistBins - 1));
   }
-#else
-  for (int l = 0; l < W; ++l) out[l] = map.bin(s.v[l]);
-#endif
+  __m512 x = _mm512_mul_ps(s.v, _mm512_set1_ps(-(kHistBins / sampling::kHistRange)));
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_setzero_ps()), _mm512_set1_ps((float)(kHistBins - 1)));
+  return _mm512_cvttps_epi32(x);
 }
+inline void vbin_store(const ScoreMap& map, VF s, int32_t* out) { _mm512_storeu_si512(out, vbin(map, s)); }
+inline uint32_t vbin_eq(const ScoreMap& map, VF s, int bin) {
+  return (uint32_t)_mm512_cmpeq_epi32_mask(vbin(map, s), _mm512_set1_epi32(bin));
+}
+#else
+inline void vbin_store(const ScoreMap& map, VF s, int32_t* out) {
+  for (int l = 0; l < W; ++l) out[l] = map.bin(s.v[l]);
+}
+inline uint32_t vbin_eq(const ScoreMap& map, VF s, int bin) {
+  uint32_t m = 0;
+  for (int l = 0; l < W; ++l) m |= (uint32_t)(map.bin(s.v[l]) == bin) << l;
+  return m;
+}
+#endif
 
 inline bool is_bad(float v) { return v != v || v == INFINITY; }
 
@@ -159,12 +175,9 @@ int64_t row_collect_bin_t(const T* x, int64_t n, const ScoreMap& map, int bin, f
   int64_t c = 0;
   int64_t i = 0;
   alignas(64) float sv[W];
-  alignas(64) int32_t bv[W];
   for (; i + W <= n; i += W) {
     const VF s = vscore<T>(map, load(x + i));
-    vbin_store(map, s, bv);
-    uint32_t hit = 0;
-    for (int l = 0; l < W; ++l) hit |= (uint32_t)(bv[l] == bin) << l;
+    uint32_t hit = vbin_eq(map, s, bin);
     if (!hit) continue;
     store(sv, s);
     while (hit) {
