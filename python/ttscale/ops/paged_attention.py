@@ -123,9 +123,17 @@ def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, 
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
+def _same_device(ref_name, ref, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"ttscale: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
 @torch.library.register_fake("ttscale::paged_attention")
 def _paged_attention_fake(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, qo_indptr, causal, scale,
                           window_left, softcap, return_lse):
+    _same_device("q", q, k_cache=k_cache, v_cache=v_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
+                 kv_last_page_len=kv_last_page_len, qo_indptr=qo_indptr)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
