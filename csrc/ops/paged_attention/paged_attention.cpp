@@ -250,8 +250,13 @@ std::tuple<Tensor, Tensor> paged_attention_cpu(const Tensor& q, const Tensor& k_
       base.push_back({b, t0, t1, kb0, ke1});
     }
   }
+  // KV heads per item: all of them when the rows fit (decode), else one
+  int64_t max_tile_q = 1;
+  for (const Base& x : base) max_tile_q = std::max(max_tile_q, x.q1 - x.q0);
+  const int64_t hpi = std::max<int64_t>(1, std::min<int64_t>(Hkv, kMaxRowsPerItem / (max_tile_q * group)));
+  const int64_t n_hgroups = (Hkv + hpi - 1) / hpi;
   const int64_t threads = at::get_num_threads();
-  const int64_t n_base = (int64_t)base.size() * Hkv;
+  const int64_t n_base = (int64_t)base.size() * n_hgroups;
   int64_t n_split = 1;
   if (n_base < 4 * threads) {
     int64_t longest = 0;
@@ -259,35 +264,41 @@ std::tuple<Tensor, Tensor> paged_attention_cpu(const Tensor& q, const Tensor& k_
     n_split = std::min<int64_t>((4 * threads + n_base - 1) / n_base, (longest + kMinSplitKeys - 1) / kMinSplitKeys);
     n_split = std::max<int64_t>(n_split, 1);
   }
-  // partial buffers: [n_split][T * Hq][D] (row = t * Hq + hq), rows of one item are contiguous per query
+  // partial buffers: [n_split][T * Hq][D] (row = t * Hq + hq)
   Tensor part = at::empty({n_split, T * Hq, D}, q.options().dtype(at::kFloat));
   Tensor part_lse = at::empty({n_split, T * Hq}, q.options().dtype(at::kFloat));
   float* part_p = part.data_ptr<float>();
   float* part_l = part_lse.data_ptr<float>();
   const CpuKernels* K = TT_CPU_SELECT(paged_kernels);
-  const int64_t n_items = (int64_t)base.size() * Hkv * n_split;
+  const int64_t n_items = n_base * n_split;
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch;
     std::vector<float> tmp_o, tmp_l;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t s = i % n_split;
-      const int64_t h = (i / n_split) % Hkv;
-      const Base& x = base[i / (n_split * Hkv)];
+      const int64_t hg = (i / n_split) % n_hgroups;
+      const Base& x = base[i / (n_split * n_hgroups)];
+      const int64_t h0 = hg * hpi, h1 = std::min(Hkv, h0 + hpi);
       const int64_t len = x.k1 - x.k0;
-      const int64_t per = (len + n_split - 1) / n_split;
-      PagedItem it{x.b, h, x.q0, x.q1, std::min(x.k1, x.k0 + s * per), std::min(x.k1, x.k0 + (s + 1) * per)};
-      const int64_t rows = (x.q1 - x.q0) * group;
+      // split boundaries rounded to whole chunks of keys
+      int64_t per = (len + n_split - 1) / n_split;
+      per = (per + kKeyChunk - 1) / kKeyChunk * kKeyChunk;
+      PagedItem it{x.b, h0, h1, x.q0, x.q1, std::min(x.k1, x.k0 + s * per), std::min(x.k1, x.k0 + (s + 1) * per)};
+      const int64_t nq = x.q1 - x.q0;
+      const int64_t rows = (h1 - h0) * nq * group;
       const size_t need = (size_t)K->attend_scratch_bytes(rows, D);
       if (scratch.size() < need) scratch.resize(need);
       tmp_o.resize(rows * D);
       tmp_l.resize(rows);
       K->attend(p, it, tmp_o.data(), tmp_l.data(), scratch.data());
-      // scatter rows (t, g) -> partial row t * Hq + h * group + g
-      for (int64_t t = x.q0; t < x.q1; ++t) {
-        const int64_t r0 = (t - x.q0) * group;
-        const int64_t dst = s * T * Hq + t * Hq + h * group;
-        std::memcpy(part_p + dst * D, tmp_o.data() + r0 * D, sizeof(float) * group * D);
-        std::memcpy(part_l + dst, tmp_l.data() + r0, sizeof(float) * group);
+      // scatter rows (h, t, g) -> partial row t * Hq + h * group + g
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t t = x.q0; t < x.q1; ++t) {
+          const int64_t r0 = (h - h0) * nq * group + (t - x.q0) * group;
+          const int64_t dst = s * T * Hq + t * Hq + h * group;
+          std::memcpy(part_p + dst * D, tmp_o.data() + r0 * D, sizeof(float) * group * D);
+          std::memcpy(part_l + dst, tmp_l.data() + r0, sizeof(float) * group);
+        }
       }
     }
   });

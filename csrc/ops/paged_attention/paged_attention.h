@@ -11,10 +11,11 @@
 // hq / (Hq / Hkv). Output: out [T, Hq, D] (q's dtype), lse [T, Hq] float32, natural log; a query
 // with no visible key gets out = 0, lse = -inf.
 //
-// CPU schedule (paged_attention.cpp): the work is cut into items (sequence b, KV head h, tile of
-// that sequence's queries, key split). An item's rows are (query, group head) pairs: all Hq/Hkv
-// query heads of KV head h, for up to kMaxRowsPerItem rows, so each K/V row is loaded once per item
-// and used by every row. Its keys (the union of the rows' visible ranges) may be split into several
+// CPU schedule (paged_attention.cpp): the work is cut into items (sequence b, a range of KV heads,
+// tile of that sequence's queries, key split). An item's rows are (KV head, query, group head)
+// triples: all Hq/Hkv query heads of each KV head, for up to kMaxRowsPerItem rows, so each K/V row
+// is loaded once per item and used by every row of its head (decode: all heads of a sequence in
+// one item, so its pages are read front to back). Its keys (the union of the rows' visible ranges) may be split into several
 // items when there are too few items to fill the threads (split-KV); each item writes a normalised
 // fp32 partial (out, lse) and the partials are merged with attn::merge_weights.
 // Inside an item (paged_attention_cpu.cpp) keys go by chunks of kKeyChunk: per chunk, for each
@@ -92,10 +93,13 @@ struct PagedParams {
   float softcap = 0.0f;
 };
 
-// One CPU work item: sequence b, KV head h, queries [q_begin, q_end) (global rows of q), keys
-// [k_begin, k_end) of the sequence. Rows are r = (t - q_begin) * group + g (query head h*group+g).
+// One CPU work item: sequence b, KV heads [h_begin, h_end), queries [q_begin, q_end) (global rows
+// of q), keys [k_begin, k_end) of the sequence. Rows are
+// r = (h - h_begin) * (nq * group) + (t - q_begin) * group + g   (query head h * group + g).
+// Keys go by chunks in the outer loop and heads in the inner one, so the chunk's pages (all heads
+// of a token are contiguous in the NHD layout) are streamed once, in address order.
 struct PagedItem {
-  int64_t b, h, q_begin, q_end, k_begin, k_end;
+  int64_t b, h_begin, h_end, q_begin, q_end, k_begin, k_end;
 };
 
 // Per-ISA CPU kernels (paged_attention_cpu.cpp).

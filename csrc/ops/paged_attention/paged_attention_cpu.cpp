@@ -126,7 +126,9 @@ template <typename T, int D>
 void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse, void* scratch) {
   const int64_t group = p.Hq / p.Hkv;
   const int64_t nq = it.q_end - it.q_begin;
-  const int64_t rows = nq * group;
+  const int64_t nh = it.h_end - it.h_begin;
+  const int64_t rows_h = nq * group;  // rows per KV head
+  const int64_t rows = nh * rows_h;
   Scratch s = carve(scratch, rows, D);
   const T* qbase = static_cast<const T*>(p.q);
   const int64_t kv_len = paged::kv_len_of(p.kv_indptr, p.kv_last_page_len, it.b, p.page_size);
@@ -141,31 +143,39 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
     ke = ke < it.k_end ? ke : it.k_end;
     if (ke < kb) ke = kb;
     if (kb < ke) { any_b = kb < any_b ? kb : any_b; any_e = ke > any_e ? ke : any_e; }
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t r = (t - it.q_begin) * group + g;
-      s.kb[r] = kb;
-      s.ke[r] = ke;
-      const T* qr = qbase + t * p.q_stride_t + (it.h * group + g) * p.q_stride_h;
-      float* dst = s.qf + r * D;
-      for (int d = 0; d < D; ++d) dst[d] = to_float(qr[d]) * p.scale;
-      s.m[r] = -INFINITY;
-      s.l[r] = 0.0f;
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = hh * rows_h + (t - it.q_begin) * group + g;
+        s.kb[r] = kb;
+        s.ke[r] = ke;
+        const T* qr = qbase + t * p.q_stride_t + ((it.h_begin + hh) * group + g) * p.q_stride_h;
+        float* dst = s.qf + r * D;
+        for (int d = 0; d < D; ++d) dst[d] = to_float(qr[d]) * p.scale;
+        s.m[r] = -INFINITY;
+        s.l[r] = 0.0f;
+      }
     }
   }
   for (int64_t i = 0; i < (rows + kRowTile) * D; ++i) s.acc[i] = 0.0f;
 
-  const int64_t n_tiles = (rows + kRowTile - 1) / kRowTile;
-  const bool widen = n_tiles > 2;
+  const int64_t n_tiles_h = (rows_h + kRowTile - 1) / kRowTile;
+  const bool widen = n_tiles_h > 2;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const int32_t* pages = p.kv_indices + p.kv_indptr[it.b];
+  const T* kbase[kKeyChunk];
+  const T* vbase[kKeyChunk];
   const T* kp[kKeyChunk];
   const T* vp[kKeyChunk];
   const float* kpf[kKeyChunk];
   const float* vpf[kKeyChunk];
   alignas(64) float S[kRowTile][kKeyChunk];
   const float cap = p.softcap;
+  // bytes of the heads this item reads, per token (contiguous when the heads are adjacent)
+  const int64_t span = ((nh - 1) * p.k_stride_head + D) * (int64_t)sizeof(T);
 
+  const int64_t ahead = (96 * 1024) / (2 * span) > 4 ? (96 * 1024) / (2 * span) : 4;
+  int64_t pf = any_b;
   for (int64_t c0 = any_b; c0 < any_e; c0 += kKeyChunk) {
     const int nk = (int)((any_e - c0) < kKeyChunk ? (any_e - c0) : kKeyChunk);
     for (int j = 0; j < nk; ++j) {
@@ -173,91 +183,99 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
       const int64_t pi = key / p.page_size;
       const int64_t page = pages[pi];
       const int64_t off = key - pi * p.page_size;
-      kp[j] = kc + page * p.k_stride_page + off * p.k_stride_tok + it.h * p.k_stride_head;
-      vp[j] = vc + page * p.v_stride_page + off * p.v_stride_tok + it.h * p.v_stride_head;
+      kbase[j] = kc + page * p.k_stride_page + off * p.k_stride_tok + it.h_begin * p.k_stride_head;
+      vbase[j] = vc + page * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head;
     }
-    // prefetch the next chunk's rows (strided by Hkv * D within a page: the hardware prefetchers
-    // do not follow it across 4 KiB pages)
-    {
-      const int64_t n0 = c0 + kKeyChunk;
-      const int64_t n1 = (n0 + kKeyChunk) < any_e ? n0 + kKeyChunk : any_e;
-      for (int64_t key = n0; key < n1; ++key) {
-        const int64_t pi = key / p.page_size;
-        const int64_t page = pages[pi];
-        const int64_t off = key - pi * p.page_size;
-        const char* kr = reinterpret_cast<const char*>(kc + page * p.k_stride_page + off * p.k_stride_tok + it.h * p.k_stride_head);
-        const char* vr = reinterpret_cast<const char*>(vc + page * p.v_stride_page + off * p.v_stride_tok + it.h * p.v_stride_head);
-        for (int b = 0; b < (int)(D * sizeof(T)); b += 64) { prefetch(kr + b); prefetch(vr + b); }
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      // software prefetch `ahead` keys (about 96 KiB of K+V) past the keys being processed, advanced
+      // in slices per head so the requests spread over the work (the hardware prefetchers do not
+      // follow page-table jumps or the 4 KiB-strided rows of one head)
+      {
+        const int64_t target0 = c0 + ((hh + 1) * nk) / nh + ahead;
+        const int64_t target = target0 < any_e ? target0 : any_e;
+        for (; pf < target; ++pf) {
+          const int64_t pi = pf / p.page_size;
+          const int64_t page = pages[pi];
+          const int64_t off = pf - pi * p.page_size;
+          const char* kr = reinterpret_cast<const char*>(kc + page * p.k_stride_page + off * p.k_stride_tok + it.h_begin * p.k_stride_head);
+          const char* vr = reinterpret_cast<const char*>(vc + page * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head);
+          for (int64_t b = 0; b < span; b += 64) { prefetch(kr + b); prefetch(vr + b); }
+        }
       }
-    }
-    if (widen) {
       for (int j = 0; j < nk; ++j) {
-        widen_row<T>(kp[j], s.kbuf + j * D, D);
-        widen_row<T>(vp[j], s.vbuf + j * D, D);
-        kpf[j] = s.kbuf + j * D;
-        vpf[j] = s.vbuf + j * D;
+        kp[j] = kbase[j] + hh * p.k_stride_head;
+        vp[j] = vbase[j] + hh * p.v_stride_head;
       }
-    }
-    for (int64_t t0 = 0; t0 < rows; t0 += kRowTile) {
-      const int nr = (int)((rows - t0) < kRowTile ? (rows - t0) : kRowTile);
-      // skip the tile when no row sees any key of the chunk
-      bool any = false, full = true;
-      for (int r = 0; r < nr; ++r) {
-        const int64_t kb = s.kb[t0 + r], ke = s.ke[t0 + r];
-        if (kb < c0 + nk && ke > c0) any = true;
-        if (!(kb <= c0 && ke >= c0 + nk)) full = false;
+      if (widen) {
+        for (int j = 0; j < nk; ++j) {
+          widen_row<T>(kp[j], s.kbuf + j * D, D);
+          widen_row<T>(vp[j], s.vbuf + j * D, D);
+          kpf[j] = s.kbuf + j * D;
+          vpf[j] = s.vbuf + j * D;
+        }
       }
-      if (!any) continue;
-      const float* qrows[kRowTile];
-      float* orows[kRowTile];
-      for (int r = 0; r < kRowTile; ++r) {
-        qrows[r] = s.qf + (t0 + (r < nr ? r : 0)) * D;
-        orows[r] = r < nr ? s.acc + (t0 + r) * D : s.acc + (rows + r) * D;  // dummy rows
+      for (int64_t t0 = hh * rows_h; t0 < (hh + 1) * rows_h; t0 += kRowTile) {
+        const int64_t rend = (hh + 1) * rows_h;
+        const int nr = (int)((rend - t0) < kRowTile ? (rend - t0) : kRowTile);
+        // skip the tile when no row sees any key of the chunk
+        bool any = false, full = true;
+        for (int r = 0; r < nr; ++r) {
+          const int64_t kb = s.kb[t0 + r], ke = s.ke[t0 + r];
+          if (kb < c0 + nk && ke > c0) any = true;
+          if (!(kb <= c0 && ke >= c0 + nk)) full = false;
+        }
+        if (!any) continue;
+        const float* qrows[kRowTile];
+        float* orows[kRowTile];
+        for (int r = 0; r < kRowTile; ++r) {
+          qrows[r] = s.qf + (t0 + (r < nr ? r : 0)) * D;
+          orows[r] = r < nr ? s.acc + (t0 + r) * D : s.acc + (rows + r) * D;  // dummy rows
+        }
+        if (widen) qk_tile<float, D>(qrows, kpf, nk, S);
+        else qk_tile<T, D>(qrows, kp, nk, S);
+        for (int r = 0; r < kRowTile; ++r) {
+          float* sr = S[r];
+          if (r >= nr) {
+            for (int j = 0; j < kKeyChunk; ++j) sr[j] = 0.0f;
+            continue;
+          }
+          const int64_t row = t0 + r;
+          if (cap > 0.0f)
+            for (int j = 0; j < nk; ++j) sr[j] = attn::softcap(sr[j], cap);
+          if (!full) {
+            const int64_t kb = s.kb[row], ke = s.ke[row];
+            for (int j = 0; j < nk; ++j)
+              if (c0 + j < kb || c0 + j >= ke) sr[j] = -INFINITY;
+          }
+          for (int j = nk; j < kKeyChunk; ++j) sr[j] = -INFINITY;
+          VF mx = load(sr);
+          for (int j = W; j < kKeyChunk; j += W) mx = max(mx, load(sr + j));
+          const float bm = hmax(mx);
+          if (bm == -INFINITY) {
+            for (int j = 0; j < kKeyChunk; ++j) sr[j] = 0.0f;
+            continue;
+          }
+          attn::OnlineSoftmax os{s.m[row], s.l[row]};
+          const float alpha = os.rescale_to(bm);
+          if (alpha != 1.0f) {
+            float* o = s.acc + row * D;
+            const VF va = set1(alpha);
+            for (int d = 0; d < D; d += W) store(o + d, mul(load(o + d), va));
+          }
+          const VF vm = set1(os.m);
+          VF sum = set1(0.0f);
+          for (int j = 0; j < kKeyChunk; j += W) {
+            const VF e = exp(sub(load(sr + j), vm));
+            store(sr + j, e);
+            sum = add(sum, e);
+          }
+          os.l += hsum(sum);
+          s.m[row] = os.m;
+          s.l[row] = os.l;
+        }
+        if (widen) pv_tile<float, D>(orows, S, vpf, nk);
+        else pv_tile<T, D>(orows, S, vp, nk);
       }
-      if (widen) qk_tile<float, D>(qrows, kpf, nk, S);
-      else qk_tile<T, D>(qrows, kp, nk, S);
-      for (int r = 0; r < kRowTile; ++r) {
-        float* sr = S[r];
-        if (r >= nr) {
-          for (int j = 0; j < kKeyChunk; ++j) sr[j] = 0.0f;
-          continue;
-        }
-        const int64_t row = t0 + r;
-        if (cap > 0.0f)
-          for (int j = 0; j < nk; ++j) sr[j] = attn::softcap(sr[j], cap);
-        if (!full) {
-          const int64_t kb = s.kb[row], ke = s.ke[row];
-          for (int j = 0; j < nk; ++j)
-            if (c0 + j < kb || c0 + j >= ke) sr[j] = -INFINITY;
-        }
-        for (int j = nk; j < kKeyChunk; ++j) sr[j] = -INFINITY;
-        VF mx = load(sr);
-        for (int j = W; j < kKeyChunk; j += W) mx = max(mx, load(sr + j));
-        const float bm = hmax(mx);
-        if (bm == -INFINITY) {
-          for (int j = 0; j < kKeyChunk; ++j) sr[j] = 0.0f;
-          continue;
-        }
-        attn::OnlineSoftmax os{s.m[row], s.l[row]};
-        const float alpha = os.rescale_to(bm);
-        if (alpha != 1.0f) {
-          float* o = s.acc + row * D;
-          const VF va = set1(alpha);
-          for (int d = 0; d < D; d += W) store(o + d, mul(load(o + d), va));
-        }
-        const VF vm = set1(os.m);
-        VF sum = set1(0.0f);
-        for (int j = 0; j < kKeyChunk; j += W) {
-          const VF e = exp(sub(load(sr + j), vm));
-          store(sr + j, e);
-          sum = add(sum, e);
-        }
-        os.l += hsum(sum);
-        s.m[row] = os.m;
-        s.l[row] = os.l;
-      }
-      if (widen) pv_tile<float, D>(orows, S, vpf, nk);
-      else pv_tile<T, D>(orows, S, vp, nk);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
