@@ -537,3 +537,169 @@ TORCH_LIBRARY_IMPL(ttscale, CPU, m) {
   m.impl("append_paged_kv", &ttscale::paged::append_paged_kv_cpu);
   m.impl("copy_pages", &ttscale::paged::copy_pages_cpu);
 }
+
+// ---------------------------------------------------------------- CUDA (not yet run on a GPU)
+#if defined(TTSCALE_WITH_CUDA)
+namespace ttscale {
+namespace paged {
+namespace {
+
+void check_launch(int err, const char* op) {
+  TT_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+std::tuple<Tensor, Tensor> paged_attention_cuda_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                                     const Tensor& kv_indptr, const Tensor& kv_indices,
+                                                     const Tensor& kv_last_page_len,
+                                                     const c10::optional<Tensor>& qo_indptr, bool causal, double scale,
+                                                     int64_t window_left, double softcap, bool return_lse) {
+  (void)return_lse;
+  const AttnInputs in = validate_paged_attention(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
+                                                 qo_indptr, scale, window_left, softcap);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t T = in.T, Hq = in.Hq, Hkv = in.ci.Hkv, D = in.ci.D, B = in.ci.B;
+  Tensor out = at::empty({T, Hq, D}, q.options());
+  Tensor lse = at::empty({T, Hq}, q.options().dtype(at::kFloat));
+  if (T == 0) return {out, lse};
+  TT_CHECK(!capturing(q), "paged_attention: CUDA graph capture is not supported yet (the tile list is built on "
+           "the host from the page table)");
+  PagedParams p = make_params(q, k_cache, v_cache, in, causal, scale, window_left, softcap);
+  const Tensor ip_d = kv_indptr.contiguous(), ix_d = kv_indices.contiguous(), ll_d = kv_last_page_len.contiguous();
+  const Tensor qo_d = in.qo.to(q.device());
+  p.kv_indptr = ip_d.data_ptr<int32_t>();
+  p.kv_indices = ix_d.data_ptr<int32_t>();
+  p.kv_last_page_len = ll_d.data_ptr<int32_t>();
+  p.qo_indptr = qo_d.data_ptr<int32_t>();
+  // tiles of <= kCudaRowsPerCta rows (queries x group heads), built on the host
+  const int32_t* qp = in.qo.data_ptr<int32_t>();
+  const int32_t* ip = in.ci.indptr.data_ptr<int32_t>();
+  const int32_t* ll = in.ci.last.data_ptr<int32_t>();
+  const int64_t group = Hq / Hkv;
+  const int64_t g_tile = std::min<int64_t>(group, kCudaRowsPerCta);
+  const int64_t q_tile = std::max<int64_t>(1, kCudaRowsPerCta / g_tile);
+  std::vector<int32_t> tiles;
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    max_len = std::max(max_len, kv_len_of(ip, ll, b, p.page_size));
+    for (int64_t t0 = qp[b]; t0 < qp[b + 1]; t0 += q_tile)
+      for (int64_t g0 = 0; g0 < group; g0 += g_tile)
+        tiles.insert(tiles.end(), {(int32_t)b, (int32_t)t0, (int32_t)std::min<int64_t>(t0 + q_tile, qp[b + 1]),
+                                   (int32_t)g0, (int32_t)std::min(group, g0 + g_tile)});
+  }
+  const int64_t n_tiles = (int64_t)tiles.size() / 5;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int64_t n_split = 1;
+  if (n_tiles * Hkv < 2 * sms && max_len > 0)
+    n_split = std::max<int64_t>(1, std::min<int64_t>((2 * sms + n_tiles * Hkv - 1) / (n_tiles * Hkv),
+                                                     (max_len + 255) / 256));
+  int64_t per = (std::max<int64_t>(max_len, 1) + n_split - 1) / n_split;
+  per = (per + kCudaTileKeys - 1) / kCudaTileKeys * kCudaTileKeys;
+  const Tensor tiles_d = at::from_blob(tiles.data(), {(int64_t)tiles.size()}, at::TensorOptions().dtype(at::kInt))
+                             .to(q.device());
+  Tensor part, part_lse;
+  PagedCudaWork w;
+  w.tiles = reinterpret_cast<const CudaTile*>(tiles_d.data_ptr<int32_t>());
+  w.n_tiles = (int)n_tiles;
+  w.n_split = (int)n_split;
+  w.keys_per_split = per;
+  if (n_split > 1) {
+    part = at::empty({n_split, T * Hq, D}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({n_split, T * Hq}, q.options().dtype(at::kFloat));
+    w.part_out = part.data_ptr<float>();
+    w.part_lse = part_lse.data_ptr<float>();
+  }
+  w.out = out.data_ptr();
+  w.lse = lse.data_ptr<float>();
+  const int64_t es = q.element_size();
+  auto al16 = [&](const Tensor& c) {
+    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 && (c.stride(0) * es) % 16 == 0 &&
+           (c.stride(1) * es) % 16 == 0 && (c.stride(2) * es) % 16 == 0;
+  };
+  w.aligned16 = al16(k_cache) && al16(v_cache);
+  check_launch(paged_attention_cuda(p, w, at::cuda::getCurrentCUDAStream().stream()), "paged_attention");
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> merge_attention_states_cuda_impl(const Tensor& out_a, const Tensor& lse_a,
+                                                            const Tensor& out_b, const Tensor& lse_b) {
+  validate_merge(out_a, lse_a, out_b, lse_b, "out_a", "lse_a", "out_b", "lse_b");
+  const c10::cuda::CUDAGuard guard(out_a.device());
+  Tensor out = at::empty(out_a.sizes(), out_a.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::empty(lse_a.sizes(), lse_a.options().memory_format(at::MemoryFormat::Contiguous));
+  const Tensor a = out_a.contiguous(), b = out_b.contiguous(), la = lse_a.contiguous(), lb = lse_b.contiguous();
+  check_launch(merge_states_cuda(dtype_of(a.scalar_type()), a.size(0) * a.size(1), a.size(2), a.data_ptr(),
+                                 la.data_ptr<float>(), b.data_ptr(), lb.data_ptr<float>(), out.data_ptr(),
+                                 lse.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+               "merge_attention_states");
+  return {out, lse};
+}
+
+void merge_attention_states_inplace_cuda_impl(Tensor out, Tensor lse, const Tensor& out_other,
+                                              const Tensor& lse_other) {
+  validate_merge_inplace(out, lse, out_other, lse_other);
+  const c10::cuda::CUDAGuard guard(out.device());
+  const Tensor b = out_other.contiguous(), lb = lse_other.contiguous();
+  check_launch(merge_states_cuda(dtype_of(out.scalar_type()), out.size(0) * out.size(1), out.size(2), out.data_ptr(),
+                                 lse.data_ptr<float>(), b.data_ptr(), lb.data_ptr<float>(), out.data_ptr(),
+                                 lse.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+               "merge_attention_states_");
+}
+
+void append_paged_kv_cuda_impl(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache,
+                               const Tensor& kv_indptr, const Tensor& kv_indices, const Tensor& kv_last_page_len,
+                               const c10::optional<Tensor>& batch_indices, const c10::optional<Tensor>& positions,
+                               const c10::optional<Tensor>& append_indptr) {
+  TT_CHECK(!capturing(k_cache), "append_paged_kv: CUDA graph capture is not supported yet (destinations are "
+           "validated on the host)");
+  const AppendPlan plan = plan_append(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices,
+                                      positions, append_indptr);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  const int64_t N = k.size(0);
+  if (N == 0) return;
+  const Tensor page = at::tensor(plan.page, at::TensorOptions().dtype(at::kLong)).to(k_cache.device());
+  const Tensor off = at::tensor(plan.off, at::TensorOptions().dtype(at::kLong)).to(k_cache.device());
+  AppendCudaParams p;
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.k_stride_n = k.stride(0); p.k_stride_h = k.stride(1);
+  p.v_stride_n = v.stride(0); p.v_stride_h = v.stride(1);
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  for (int i = 0; i < 3; ++i) { p.kc_stride[i] = k_cache.stride(i); p.vc_stride[i] = v_cache.stride(i); }
+  p.page = page.data_ptr<int64_t>();
+  p.off = off.data_ptr<int64_t>();
+  p.N = N; p.H = k.size(1); p.D = k.size(2);
+  p.elem_size = (int)k.element_size();
+  check_launch(append_paged_kv_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "append_paged_kv");
+}
+
+void copy_pages_cuda_impl(Tensor k_cache, Tensor v_cache, const Tensor& src, const Tensor& dst) {
+  const auto sd = validate_copy_pages(k_cache, v_cache, src, dst);
+  const c10::cuda::CUDAGuard guard(k_cache.device());
+  if (src.size(0) == 0) return;
+  const Tensor s = sd.first.to(k_cache.device()), d = sd.second.to(k_cache.device());
+  for (Tensor* c : {&k_cache, &v_cache}) {
+    CopyPagesCudaParams p;
+    p.cache = c->data_ptr();
+    for (int i = 0; i < 3; ++i) p.stride[i] = c->stride(i);
+    p.page_size = c->size(1); p.H = c->size(2); p.D = c->size(3);
+    p.src = s.data_ptr<int64_t>();
+    p.dst = d.data_ptr<int64_t>();
+    p.n = src.size(0);
+    p.elem_size = (int)c->element_size();
+    check_launch(copy_pages_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "copy_pages");
+  }
+}
+
+}  // namespace
+}  // namespace paged
+}  // namespace ttscale
+
+TORCH_LIBRARY_IMPL(ttscale, CUDA, m) {
+  m.impl("paged_attention", &ttscale::paged::paged_attention_cuda_impl);
+  m.impl("merge_attention_states", &ttscale::paged::merge_attention_states_cuda_impl);
+  m.impl("merge_attention_states_", &ttscale::paged::merge_attention_states_inplace_cuda_impl);
+  m.impl("append_paged_kv", &ttscale::paged::append_paged_kv_cuda_impl);
+  m.impl("copy_pages", &ttscale::paged::copy_pages_cuda_impl);
+}
+#endif  // TTSCALE_WITH_CUDA
