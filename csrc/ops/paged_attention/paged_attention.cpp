@@ -575,8 +575,14 @@ std::tuple<Tensor, Tensor> paged_attention_cuda_impl(const Tensor& q, const Tens
   const int32_t* ip = in.ci.indptr.data_ptr<int32_t>();
   const int32_t* ll = in.ci.last.data_ptr<int32_t>();
   const int64_t group = Hq / Hkv;
-  const int64_t g_tile = std::min<int64_t>(group, kCudaRowsPerCta);
-  const int64_t q_tile = std::max<int64_t>(1, kCudaRowsPerCta / g_tile);
+  // many rows per sequence (multi-query / shared-prefix blocks, prefill chunks) in fp16 / bf16 go to
+  // the tensor-core kernel (64-row tiles); decode and fp32 to the CUDA-core kernel (16-row tiles)
+  int64_t max_nq = 0;
+  for (int64_t b = 0; b < B; ++b) max_nq = std::max<int64_t>(max_nq, qp[b + 1] - qp[b]);
+  const bool use_mma = cuda_mma_supported(p.dtype, D) && max_nq * group >= 2 * kCudaRowsPerCta;
+  const int64_t tile_rows = use_mma ? kCudaMmaRows : kCudaRowsPerCta;
+  const int64_t g_tile = std::min<int64_t>(group, tile_rows);
+  const int64_t q_tile = std::max<int64_t>(1, tile_rows / g_tile);
   std::vector<int32_t> tiles;
   int64_t max_len = 0;
   for (int64_t b = 0; b < B; ++b) {
@@ -602,6 +608,7 @@ std::tuple<Tensor, Tensor> paged_attention_cuda_impl(const Tensor& q, const Tens
   w.n_tiles = (int)n_tiles;
   w.n_split = (int)n_split;
   w.keys_per_split = per;
+  w.use_mma = use_mma;
   if (n_split > 1) {
     part = at::empty({n_split, T * Hq, D}, q.options().dtype(at::kFloat));
     part_lse = at::empty({n_split, T * Hq}, q.options().dtype(at::kFloat));

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/attention_math.h"
 #include "common/cuda_utils.cuh"
@@ -297,6 +298,263 @@ __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, Pag
   }
 }
 
+
+// ---------------------------------------------------------------- tensor-core multi-query kernel
+// paged_mq_mma_kernel<T, D> (fp16 / bf16, D <= 128): grid (tiles of <= 64 rows, Hkv, key splits),
+// 4 warps x 16 rows. Per 32-key tile (cp.async double-buffered, as above): S = Q K^T with
+// mma.sync m16n8k16 (Q fragments held in registers for the whole CTA, K fragments by ldmatrix),
+// online softmax on the accumulator fragments (a row's 8 values live in one quad of lanes), then the
+// S fragments are re-packed in registers as the A operand of O += P V (V fragments by ldmatrix.trans),
+// FlashAttention-2 style. This is the shared-prefix path: all branches' queries reuse each K/V tile.
+template <typename T>
+TT_DEVICE uint32_t pack2(float lo, float hi);
+template <>
+TT_DEVICE uint32_t pack2<half_t>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <>
+TT_DEVICE uint32_t pack2<bf16_t>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+template <typename T>
+TT_DEVICE void mma16816(float* c, const uint32_t* a, const uint32_t* b);
+template <>
+TT_DEVICE void mma16816<half_t>(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+TT_DEVICE void mma16816<bf16_t>(float* c, const uint32_t* a, const uint32_t* b) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+TT_DEVICE void ldmatrix_x4(uint32_t* r, const void* p) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
+}
+TT_DEVICE void ldmatrix_x2(uint32_t* r, const void* p) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+TT_DEVICE void ldmatrix_x2_trans(uint32_t* r, const void* p) {
+  const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
+}
+
+template <typename T, int D>
+struct MmaSmem {
+  static constexpr int kRow = D + 8;  // 16-byte pad: conflict-free ldmatrix
+  static constexpr size_t kBytes = ((size_t)kCudaMmaRows * kRow + 4 * (size_t)TK * kRow) * sizeof(T);
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, PagedCudaWork w) {
+  static_assert(D % 16 == 0 && D <= 128, "mma kernel: D in {64, 128}");
+  constexpr int kRow = MmaSmem<T, D>::kRow;
+  constexpr int KS = D / 16;  // k-steps of Q K^T
+  constexpr int NB = D / 8;   // n8 blocks of O
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* qs = reinterpret_cast<T*>(smem_raw);        // [64][kRow]
+  T* ks_all = qs + kCudaMmaRows * kRow;          // [2][TK][kRow]
+  T* vs_all = ks_all + 2 * TK * kRow;            // [2][TK][kRow]
+
+  const CudaTile tile = w.tiles[blockIdx.x];
+  const int64_t h = blockIdx.y;
+  const int split = blockIdx.z;
+  const int64_t group = p.Hq / p.Hkv;
+  const int nq = tile.q1 - tile.q0, ng = tile.g1 - tile.g0;
+  const int rows = nq * ng;
+  const int lane = cuda::lane_id(), warp = cuda::warp_id();
+  const int64_t b = tile.b;
+  const int64_t kv_len = kv_len_of(p.kv_indptr, p.kv_last_page_len, b, p.page_size);
+  const int64_t qo0 = p.qo_indptr ? p.qo_indptr[b] : b;
+  const int64_t n_q_seq = p.qo_indptr ? p.qo_indptr[b + 1] - qo0 : 1;
+  const int64_t s_lo = (int64_t)split * w.keys_per_split;
+  const int64_t s_hi = s_lo + w.keys_per_split;
+  int64_t lo = kv_len, hi = 0;
+  for (int qi = 0; qi < nq; ++qi) {
+    int64_t kb, ke;
+    attn::visible_range(tile.q0 + qi - qo0 + kv_len - n_q_seq, kv_len, p.causal, p.window_left, &kb, &ke);
+    kb = kb > s_lo ? kb : s_lo;
+    ke = ke < s_hi ? ke : s_hi;
+    if (kb < ke) { lo = kb < lo ? kb : lo; hi = ke > hi ? ke : hi; }
+  }
+  // queries (unscaled, in T) to shared memory; rows past `rows` are zero
+  const T* qg = static_cast<const T*>(p.q);
+  for (int i = threadIdx.x; i < kCudaMmaRows * D; i += kThreads) {
+    const int r = i / D, d = i - r * D;
+    T v;
+    v = T();
+    if (r < rows) {
+      const int64_t t = tile.q0 + r / ng;
+      const int64_t hq = h * group + tile.g0 + r % ng;
+      v = qg[t * p.q_stride_t + hq * p.q_stride_h + d];
+    } else {
+      store_float(&v, 0.0f);
+    }
+    qs[r * kRow + d] = v;
+  }
+  const int64_t pre_lo = lo, pre_hi = hi;
+  const int32_t* pages = p.kv_indices + p.kv_indptr[b];
+  const int n_tiles = hi > lo ? (int)((hi - lo + TK - 1) / TK) : 0;
+  if (n_tiles > 0) {
+    load_tile<T, D>(p, pages, h, lo, pre_lo, pre_hi, ks_all, vs_all, w.aligned16);
+    cp_async_commit();
+  }
+  __syncthreads();
+  // Q fragments of this warp's 16 rows
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk)
+    ldmatrix_x4(qf[kk], qs + (warp * 16 + (lane & 15)) * kRow + kk * 16 + (lane >> 4) * 8);
+  // the two rows this lane holds accumulator values of, and their visible ranges
+  const int g = lane >> 2, qd = lane & 3;
+  int64_t rkb[2], rke[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    rkb[i] = 0;
+    rke[i] = 0;
+    if (r < rows) {
+      attn::visible_range(tile.q0 + r / ng - qo0 + kv_len - n_q_seq, kv_len, p.causal, p.window_left, &rkb[i], &rke[i]);
+      rkb[i] = rkb[i] > s_lo ? rkb[i] : s_lo;
+      rke[i] = rke[i] < s_hi ? rke[i] : s_hi;
+    }
+  }
+  float o[NB][4];
+#pragma unroll
+  for (int nb = 0; nb < NB; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  for (int it = 0; it < n_tiles; ++it) {
+    const int stage = it & 1;
+    const int64_t k0 = lo + (int64_t)it * TK;
+    if (it + 1 < n_tiles) {
+      load_tile<T, D>(p, pages, h, k0 + TK, pre_lo, pre_hi, ks_all + (stage ^ 1) * TK * kRow,
+                      vs_all + (stage ^ 1) * TK * kRow, w.aligned16);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* ks = ks_all + stage * TK * kRow;
+    const T* vs = vs_all + stage * TK * kRow;
+    if (warp * 16 < rows) {  // warp-uniform
+      // S = Q K^T: 4 n8 blocks of keys
+      float sc[4][4];
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb) {
+        sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+          uint32_t bf[2];
+          ldmatrix_x2(bf, ks + (nb * 8 + (lane & 7)) * kRow + kk * 16 + ((lane >> 3) & 1) * 8);
+          mma16816<T>(sc[nb], qf[kk], bf);
+        }
+      }
+      // scale, softcap, mask; online softmax per row (values of a row are in one lane quad)
+      float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          const int64_t key = k0 + nb * 8 + qd * 2 + (e & 1);
+          float s = attn::softcap(sc[nb][e] * p.scale, p.softcap);
+          if (key < rkb[i] || key >= rke[i]) s = -INFINITY;
+          sc[nb][e] = s;
+          mt[i] = fmaxf(mt[i], s);
+        }
+      float alpha[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mt[i] = fmaxf(mt[i], __shfl_xor_sync(kFullMask, mt[i], 1));
+        mt[i] = fmaxf(mt[i], __shfl_xor_sync(kFullMask, mt[i], 2));
+        const float m_new = fmaxf(m[i], mt[i]);
+        alpha[i] = (m[i] == -INFINITY) ? (m_new == -INFINITY ? 1.0f : 0.0f) : __expf(m[i] - m_new);
+        m[i] = m_new;
+      }
+      float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          const float pv = m[i] == -INFINITY ? 0.0f : __expf(sc[nb][e] - m[i]);
+          sc[nb][e] = pv;
+          rs[i] += pv;
+        }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        rs[i] += __shfl_xor_sync(kFullMask, rs[i], 1);
+        rs[i] += __shfl_xor_sync(kFullMask, rs[i], 2);
+        l[i] = l[i] * alpha[i] + rs[i];
+      }
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        o[nb][0] *= alpha[0]; o[nb][1] *= alpha[0];
+        o[nb][2] *= alpha[1]; o[nb][3] *= alpha[1];
+      }
+      // O += P V: P re-packed from the S fragments as two m16k16 A operands
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        uint32_t pa[4];
+        pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+        pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+        pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+          uint32_t bf[2];
+          ldmatrix_x2_trans(bf, vs + (kk * 16 + (lane & 15)) * kRow + nb * 8);
+          mma16816<T>(o[nb], pa, bf);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  // write: lane holds columns nb*8 + 2*qd, +1 of rows g and g+8
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int r = warp * 16 + g + 8 * i;
+    if (r >= rows) continue;
+    const int64_t t = tile.q0 + r / ng;
+    const int64_t hq = h * group + tile.g0 + r % ng;
+    const int64_t row = t * p.Hq + hq;
+    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    const float lse = l[i] > 0.0f ? m[i] + logf(l[i]) : -INFINITY;
+    if (w.n_split > 1) {
+      float* op = w.part_out + ((int64_t)split * p.T * p.Hq + row) * D;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        op[nb * 8 + 2 * qd] = o[nb][2 * i] * inv;
+        op[nb * 8 + 2 * qd + 1] = o[nb][2 * i + 1] * inv;
+      }
+      if (qd == 0) w.part_lse[(int64_t)split * p.T * p.Hq + row] = lse;
+    } else {
+      T* op = static_cast<T*>(w.out) + row * D;
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        store_float(op + nb * 8 + 2 * qd, o[nb][2 * i] * inv);
+        store_float(op + nb * 8 + 2 * qd + 1, o[nb][2 * i + 1] * inv);
+      }
+      if (qd == 0) w.lse[row] = lse;
+    }
+  }
+}
+
 // One CTA per (t, hq) row: merge the n_split partials.
 template <typename T>
 __global__ void merge_splits_kernel(const float* part_out, const float* part_lse, int n_split, int64_t rows, int64_t D,
@@ -368,13 +626,28 @@ __global__ void copy_pages_kernel(CopyPagesCudaParams p) {
 }
 
 template <typename T, int D>
-cudaError_t launch_attn(const PagedParams& p, const PagedCudaWork& w, cudaStream_t st) {
+cudaError_t launch_main(const PagedParams& p, const PagedCudaWork& w, cudaStream_t st) {
+  const dim3 grid((unsigned)w.n_tiles, (unsigned)p.Hkv, (unsigned)w.n_split);
+  if constexpr (!std::is_same<T, float>::value && D <= 128) {
+    if (w.use_mma) {
+      const size_t smem = MmaSmem<T, D>::kBytes;
+      cudaError_t e = cudaFuncSetAttribute(paged_mq_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)smem);
+      if (e != cudaSuccess) return e;
+      paged_mq_mma_kernel<T, D><<<grid, kThreads, smem, st>>>(p, w);
+      return cudaGetLastError();
+    }
+  }
   const size_t smem = Smem<T, D>::kBytes;
   cudaError_t e = cudaFuncSetAttribute(paged_attn_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  const dim3 grid((unsigned)w.n_tiles, (unsigned)p.Hkv, (unsigned)w.n_split);
   paged_attn_kernel<T, D><<<grid, kThreads, smem, st>>>(p, w);
-  e = cudaGetLastError();
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t launch_attn(const PagedParams& p, const PagedCudaWork& w, cudaStream_t st) {
+  cudaError_t e = launch_main<T, D>(p, w, st);
   if (e != cudaSuccess || w.n_split <= 1) return e;
   const int64_t rows = p.T * p.Hq;
   merge_splits_kernel<T><<<(unsigned)rows, 64, 0, st>>>(w.part_out, w.part_lse, w.n_split, rows, p.D,

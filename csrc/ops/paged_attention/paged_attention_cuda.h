@@ -18,6 +18,9 @@ constexpr int kCudaWarps = 4;
 constexpr int kCudaRowsPerWarp = 4;
 constexpr int kCudaRowsPerCta = kCudaWarps * kCudaRowsPerWarp;
 constexpr int kCudaTileKeys = 32;  // keys per cp.async stage (one per lane in the QK step)
+// Tensor-core multi-query kernel (fp16 / bf16, head dim <= 128): up to 64 rows per CTA, 16 per warp.
+constexpr int kCudaMmaRows = 64;
+inline bool cuda_mma_supported(DType dt, int64_t D) { return dt != DType::kFloat32 && D <= 128; }
 struct CudaTile {
   int32_t b, q0, q1, g0, g1;
 };
@@ -31,6 +34,7 @@ struct PagedCudaWork {
   float* part_lse = nullptr;        // [n_split][T * Hq]
   void* out = nullptr;              // [T, Hq, D] contiguous, q's dtype
   float* lse = nullptr;             // [T, Hq]
+  bool use_mma = false;             // tiles have <= kCudaMmaRows rows: tensor-core kernel (cuda_mma_supported)
   bool aligned16 = true;            // cache rows 16-byte aligned: cp.async 16-byte copies
 };
 // p's pointers are device pointers. Returns a cudaError_t.
