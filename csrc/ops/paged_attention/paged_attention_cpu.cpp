@@ -174,10 +174,23 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
   // bytes of the heads this item reads, per token (contiguous when the heads are adjacent)
   const int64_t span = ((nh - 1) * p.k_stride_head + D) * (int64_t)sizeof(T);
 
-  const int64_t ahead = (96 * 1024) / (2 * span) > 4 ? (96 * 1024) / (2 * span) : 4;
-  int64_t pf = any_b;
-  for (int64_t c0 = any_b; c0 < any_e; c0 += kKeyChunk) {
-    const int nk = (int)((any_e - c0) < kKeyChunk ? (any_e - c0) : kKeyChunk);
+  // keys per chunk: the chunk's K+V over all the item's heads stays around 128 KiB (a quarter of
+  // L2), so it and the next chunk, prefetched while this one is used, both fit in L2
+  int ck = (int)((64 * 1024) / span);
+  ck = ck < 16 ? 16 : (ck > kKeyChunk ? kKeyChunk : ck);
+  ck = ck / 16 * 16;  // multiple of W
+  {
+    // the first chunk has nobody to prefetch it
+    const int64_t e0 = any_b + ck < any_e ? any_b + ck : any_e;
+    for (int64_t key = any_b; key < e0; ++key) {
+      const int64_t pi = key / p.page_size;
+      const char* kr = reinterpret_cast<const char*>(kc + pages[pi] * p.k_stride_page + (key - pi * p.page_size) * p.k_stride_tok + it.h_begin * p.k_stride_head);
+      const char* vr = reinterpret_cast<const char*>(vc + pages[pi] * p.v_stride_page + (key - pi * p.page_size) * p.v_stride_tok + it.h_begin * p.v_stride_head);
+      for (int64_t b = 0; b < span; b += 64) { prefetch(kr + b); prefetch(vr + b); }
+    }
+  }
+  for (int64_t c0 = any_b; c0 < any_e; c0 += ck) {
+    const int nk = (int)((any_e - c0) < ck ? (any_e - c0) : ck);
     for (int j = 0; j < nk; ++j) {
       const int64_t key = c0 + j;
       const int64_t pi = key / p.page_size;
@@ -187,16 +200,16 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
       vbase[j] = vc + page * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head;
     }
     for (int64_t hh = 0; hh < nh; ++hh) {
-      // software prefetch `ahead` keys (about 96 KiB of K+V) past the keys being processed, advanced
-      // in slices per head so the requests spread over the work (the hardware prefetchers do not
-      // follow page-table jumps or the 4 KiB-strided rows of one head)
+      // prefetch the next chunk (all heads), a slice per head so the requests spread over the work
+      // (the hardware prefetchers do not follow page-table jumps or one head's 4 KiB-strided rows)
       {
-        const int64_t target0 = c0 + ((hh + 1) * nk) / nh + ahead;
-        const int64_t target = target0 < any_e ? target0 : any_e;
-        for (; pf < target; ++pf) {
-          const int64_t pi = pf / p.page_size;
+        const int64_t n0 = c0 + ck + (hh * ck) / nh;
+        const int64_t n1a = c0 + ck + ((hh + 1) * ck) / nh;
+        const int64_t n1 = n1a < any_e ? n1a : any_e;
+        for (int64_t key = n0; key < n1; ++key) {
+          const int64_t pi = key / p.page_size;
           const int64_t page = pages[pi];
-          const int64_t off = pf - pi * p.page_size;
+          const int64_t off = key - pi * p.page_size;
           const char* kr = reinterpret_cast<const char*>(kc + page * p.k_stride_page + off * p.k_stride_tok + it.h_begin * p.k_stride_head);
           const char* vr = reinterpret_cast<const char*>(vc + page * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head);
           for (int64_t b = 0; b < span; b += 64) { prefetch(kr + b); prefetch(vr + b); }
@@ -236,7 +249,7 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
         for (int r = 0; r < kRowTile; ++r) {
           float* sr = S[r];
           if (r >= nr) {
-            for (int j = 0; j < kKeyChunk; ++j) sr[j] = 0.0f;
+            for (int j = 0; j < ck; ++j) sr[j] = 0.0f;
             continue;
           }
           const int64_t row = t0 + r;
@@ -247,12 +260,12 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
             for (int j = 0; j < nk; ++j)
               if (c0 + j < kb || c0 + j >= ke) sr[j] = -INFINITY;
           }
-          for (int j = nk; j < kKeyChunk; ++j) sr[j] = -INFINITY;
+          for (int j = nk; j < ck; ++j) sr[j] = -INFINITY;
           VF mx = load(sr);
-          for (int j = W; j < kKeyChunk; j += W) mx = max(mx, load(sr + j));
+          for (int j = W; j < ck; j += W) mx = max(mx, load(sr + j));
           const float bm = hmax(mx);
           if (bm == -INFINITY) {
-            for (int j = 0; j < kKeyChunk; ++j) sr[j] = 0.0f;
+            for (int j = 0; j < ck; ++j) sr[j] = 0.0f;
             continue;
           }
           attn::OnlineSoftmax os{s.m[row], s.l[row]};
@@ -264,7 +277,7 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           }
           const VF vm = set1(os.m);
           VF sum = set1(0.0f);
-          for (int j = 0; j < kKeyChunk; j += W) {
+          for (int j = 0; j < ck; j += W) {
             const VF e = exp(sub(load(sr + j), vm));
             store(sr + j, e);
             sum = add(sum, e);
