@@ -90,6 +90,8 @@ inline void widen_row(const T* src, float* dst, int D) {
   for (int d = 0; d < D; d += W) store(dst + d, load(src + d));
 }
 
+constexpr int kPrefetchChunks = 1;  // software prefetch distance, in chunks
+
 struct Scratch {
   float* qf;    // [rows][D] scaled queries
   float* acc;   // [rows + kRowTile][D] output accumulators (+ dummy rows for partial tiles)
@@ -175,13 +177,13 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
   const int64_t span = ((nh - 1) * p.k_stride_head + D) * (int64_t)sizeof(T);
 
   // keys per chunk: the chunk's K+V over all the item's heads stays around 128 KiB (a quarter of
-  // L2), so it and the next chunk, prefetched while this one is used, both fit in L2
+  // L2), so it and the kPrefetchChunks chunks prefetched ahead of it fit in L2 together
   int ck = (int)((64 * 1024) / span);
   ck = ck < 16 ? 16 : (ck > kKeyChunk ? kKeyChunk : ck);
   ck = ck / 16 * 16;  // multiple of W
   {
     // the first chunk has nobody to prefetch it
-    const int64_t e0 = any_b + ck < any_e ? any_b + ck : any_e;
+    const int64_t e0 = any_b + kPrefetchChunks * ck < any_e ? any_b + kPrefetchChunks * ck : any_e;
     for (int64_t key = any_b; key < e0; ++key) {
       const int64_t pi = key / p.page_size;
       const char* kr = reinterpret_cast<const char*>(kc + pages[pi] * p.k_stride_page + (key - pi * p.page_size) * p.k_stride_tok + it.h_begin * p.k_stride_head);
@@ -203,8 +205,8 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
       // prefetch the next chunk (all heads), a slice per head so the requests spread over the work
       // (the hardware prefetchers do not follow page-table jumps or one head's 4 KiB-strided rows)
       {
-        const int64_t n0 = c0 + ck + (hh * ck) / nh;
-        const int64_t n1a = c0 + ck + ((hh + 1) * ck) / nh;
+        const int64_t n0 = c0 + kPrefetchChunks * ck + (hh * ck) / nh;
+        const int64_t n1a = c0 + kPrefetchChunks * ck + ((hh + 1) * ck) / nh;
         const int64_t n1 = n1a < any_e ? n1a : any_e;
         for (int64_t key = n0; key < n1; ++key) {
           const int64_t pi = key / p.page_size;
