@@ -64,6 +64,28 @@ inline void qk_tile(const float* const* q, const KT* const* kp, int nk, float (*
   }
 }
 
+// The same scores from a transposed fp32 key block kT[d][j] (row stride kKeyChunk), as a GEMM
+// micro-kernel: 4 rows x 2W keys, 8 accumulators, per d 2 key loads + 4 broadcasts for 8 FMAs, no
+// horizontal sums. Used when many row tiles share the chunk (multi-query blocks), where the
+// transpose is paid once per chunk. Columns past nk hold garbage and are masked by the caller.
+template <int D>
+inline void qk_tile_t(const float* const* q, const float* kT, int nk, float (*S)[kKeyChunk]) {
+  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  for (int j0 = 0; j0 < nk; j0 += 2 * W) {
+    VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const float* kc = kT + j0;
+    for (int d = 0; d < D; ++d) {
+      const VF x0 = load(kc + d * kKeyChunk), x1 = load(kc + d * kKeyChunk + W);
+      VF y = set1(q0[d]); a0 = fmadd(y, x0, a0); a1 = fmadd(y, x1, a1);
+      y = set1(q1[d]); a2 = fmadd(y, x0, a2); a3 = fmadd(y, x1, a3);
+      y = set1(q2[d]); a4 = fmadd(y, x0, a4); a5 = fmadd(y, x1, a5);
+      y = set1(q3[d]); a6 = fmadd(y, x0, a6); a7 = fmadd(y, x1, a7);
+    }
+    store(S[0] + j0, a0); store(S[0] + j0 + W, a1); store(S[1] + j0, a2); store(S[1] + j0 + W, a3);
+    store(S[2] + j0, a4); store(S[2] + j0 + W, a5); store(S[3] + j0, a6); store(S[3] + j0 + W, a7);
+  }
+}
+
 // O_r += sum_j P[r][j] v_j for 4 rows, 2 vectors of D at a time: 8 accumulators held in registers
 // across all nk keys, 2 value loads + 4 broadcasts per 8 FMAs.
 template <typename VT, int D>
@@ -99,7 +121,7 @@ struct Scratch {
   float* l;     // [rows] running sum
   int64_t* kb;  // [rows] first visible key
   int64_t* ke;  // [rows] one past the last visible key
-  float* kbuf;  // [kKeyChunk][D] widened keys
+  float* kbuf;  // [D][kKeyChunk] widened keys, transposed
   float* vbuf;  // [kKeyChunk][D] widened values
 };
 
@@ -169,7 +191,6 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
   const T* vbase[kKeyChunk];
   const T* kp[kKeyChunk];
   const T* vp[kKeyChunk];
-  const float* kpf[kKeyChunk];
   const float* vpf[kKeyChunk];
   alignas(64) float S[kRowTile][kKeyChunk];
   const float cap = p.softcap;
@@ -223,9 +244,9 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
       }
       if (widen) {
         for (int j = 0; j < nk; ++j) {
-          widen_row<T>(kp[j], s.kbuf + j * D, D);
+          const T* kr = kp[j];
+          for (int d = 0; d < D; ++d) s.kbuf[d * kKeyChunk + j] = to_float(kr[d]);  // transposed
           widen_row<T>(vp[j], s.vbuf + j * D, D);
-          kpf[j] = s.kbuf + j * D;
           vpf[j] = s.vbuf + j * D;
         }
       }
@@ -246,7 +267,7 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           qrows[r] = s.qf + (t0 + (r < nr ? r : 0)) * D;
           orows[r] = r < nr ? s.acc + (t0 + r) * D : s.acc + (rows + r) * D;  // dummy rows
         }
-        if (widen) qk_tile<float, D>(qrows, kpf, nk, S);
+        if (widen) qk_tile_t<D>(qrows, s.kbuf, nk, S);
         else qk_tile<T, D>(qrows, kp, nk, S);
         for (int r = 0; r < kRowTile; ++r) {
           float* sr = S[r];
