@@ -470,3 +470,21 @@ def test_cuda_merge_append_copy_match_cpu(dtype):
     copy_pages(k, v, src, dst)
     copy_pages(kc, vc, src.cuda(), dst.cuda())
     assert torch.equal(kc.cpu(), k) and torch.equal(vc.cpu(), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_error_at_most_twice_torch_in_same_dtype(dtype):
+    # the bound: no more than 2x the error plain torch (SDPA on the gathered KV, in `dtype`)
+    # makes against the float64 reference
+    lens = [17, 127, 1000]
+    q, k, v, ip, ix, last, _ = make_problem(lens, 16, 8, 2, 128, dtype, seed=21)
+    out = paged_attention(q, k, v, ip, ix, last)
+    ref, _ = paged_attention_ref(q, k, v, ip, ix, last)
+    ours = (out.double() - ref).abs().max().item()
+    theirs = 0.0
+    for b in range(len(lens)):
+        kb = gather_kv(k, ip, ix, last, b).transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        vb = gather_kv(v, ip, ix, last, b).transpose(0, 1).unsqueeze(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q[b:b + 1].unsqueeze(2), kb, vb, enable_gqa=True)
+        theirs = max(theirs, (o[0, :, 0].double() - ref[b]).abs().max().item())
+    assert ours <= 2 * theirs + 1e-6, (ours, theirs)
