@@ -147,8 +147,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and a smaller ceiling probe")
     ap.add_argument("--only", choices=["decode", "shared"], default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="where to write results (default: bench/results/attention_decode-<device>.json)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtypes = [torch.float32, torch.bfloat16] if args.dtype == "both" else [getattr(torch, args.dtype)]
     ceil = harness.ceilings(args.device, quick=args.quick)
     results = []
