@@ -2,3 +2,6 @@
 from .sampling import sample, sample_from_probs, speculative_verify, token_logprobs
 
 __all__ = ["sample", "sample_from_probs", "token_logprobs", "speculative_verify"]
+from .paged_attention import append_paged_kv, copy_pages, merge_attention_states, merge_attention_states_, paged_attention
+
+__all__ += ["paged_attention", "merge_attention_states", "merge_attention_states_", "append_paged_kv", "copy_pages"]

@@ -1,0 +1,370 @@
+// Per-ISA CPU kernels of paged attention and attention-state merge (compiled once per ISA; see
+// common/cpu_simd.h). Schedule and formats: paged_attention.h. Torch-free, no std algorithms.
+#include "ops/paged_attention/paged_attention.h"
+#include "common/attention_math.h"
+#include "common/cpu_simd.h"
+#include "common/dispatch.h"
+
+#include <cmath>
+#include <cstdint>
+
+namespace ttscale {
+namespace cpu {
+namespace TTSCALE_CPU_ISA {
+namespace {
+
+using paged::CpuKernels;
+using paged::kKeyChunk;
+using paged::kRowTile;
+using paged::PagedItem;
+using paged::PagedParams;
+
+// ---- horizontal sums of 8 accumulators: out[i] = hsum(a_i) (extra SIMD helper of this op)
+inline void hsum8(VF a0, VF a1, VF a2, VF a3, VF a4, VF a5, VF a6, VF a7, float* out) {
+#if defined(TTSCALE_CPU_ISA_AVX2)
+  const __m256 t0 = _mm256_hadd_ps(a0.v, a1.v), t1 = _mm256_hadd_ps(a2.v, a3.v);
+  const __m256 t2 = _mm256_hadd_ps(a4.v, a5.v), t3 = _mm256_hadd_ps(a6.v, a7.v);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+#else
+  out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
+  out[4] = hsum(a4); out[5] = hsum(a5); out[6] = hsum(a6); out[7] = hsum(a7);
+#endif
+}
+
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
+// S[r][j] = q_r . k_j for 4 rows x nk keys (nk <= kKeyChunk), 2 keys at a time: 8 accumulators,
+// 2 key loads + 4 query loads per 8 FMAs. Rows past nr alias row 0 (results unused).
+template <typename KT, int D>
+inline void qk_tile(const float* const* q, const KT* const* kp, int nk, float (*S)[kKeyChunk]) {
+  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  int j = 0;
+  for (; j < nk; j += 2) {
+    const KT* k0 = kp[j];
+    const KT* k1 = kp[j + 1 < nk ? j + 1 : j];
+    VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int d = 0; d < D; d += W) {
+      const VF x0 = load(k0 + d), x1 = load(k1 + d);
+      VF y = load(q0 + d); a0 = fmadd(y, x0, a0); a1 = fmadd(y, x1, a1);
+      y = load(q1 + d); a2 = fmadd(y, x0, a2); a3 = fmadd(y, x1, a3);
+      y = load(q2 + d); a4 = fmadd(y, x0, a4); a5 = fmadd(y, x1, a5);
+      y = load(q3 + d); a6 = fmadd(y, x0, a6); a7 = fmadd(y, x1, a7);
+    }
+    float s[8];
+    hsum8(a0, a1, a2, a3, a4, a5, a6, a7, s);
+    S[0][j] = s[0]; S[1][j] = s[2]; S[2][j] = s[4]; S[3][j] = s[6];
+    if (j + 1 < nk) { S[0][j + 1] = s[1]; S[1][j + 1] = s[3]; S[2][j + 1] = s[5]; S[3][j + 1] = s[7]; }
+  }
+}
+
+// The same scores from a transposed fp32 key block kT[d][j] (row stride kKeyChunk), as a GEMM
+// micro-kernel: 4 rows x 2W keys, 8 accumulators, per d 2 key loads + 4 broadcasts for 8 FMAs, no
+// horizontal sums. Used when many row tiles share the chunk (multi-query blocks), where the
+// transpose is paid once per chunk. Columns past nk hold garbage and are masked by the caller.
+template <int D>
+inline void qk_tile_t(const float* const* q, const float* kT, int nk, float (*S)[kKeyChunk]) {
+  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+  for (int j0 = 0; j0 < nk; j0 += 2 * W) {
+    VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    const float* kc = kT + j0;
+    for (int d = 0; d < D; ++d) {
+      const VF x0 = load(kc + d * kKeyChunk), x1 = load(kc + d * kKeyChunk + W);
+      VF y = set1(q0[d]); a0 = fmadd(y, x0, a0); a1 = fmadd(y, x1, a1);
+      y = set1(q1[d]); a2 = fmadd(y, x0, a2); a3 = fmadd(y, x1, a3);
+      y = set1(q2[d]); a4 = fmadd(y, x0, a4); a5 = fmadd(y, x1, a5);
+      y = set1(q3[d]); a6 = fmadd(y, x0, a6); a7 = fmadd(y, x1, a7);
+    }
+    store(S[0] + j0, a0); store(S[0] + j0 + W, a1); store(S[1] + j0, a2); store(S[1] + j0 + W, a3);
+    store(S[2] + j0, a4); store(S[2] + j0 + W, a5); store(S[3] + j0, a6); store(S[3] + j0 + W, a7);
+  }
+}
+
+// O_r += sum_j P[r][j] v_j for 4 rows, 2 vectors of D at a time: 8 accumulators held in registers
+// across all nk keys, 2 value loads + 4 broadcasts per 8 FMAs.
+template <typename VT, int D>
+inline void pv_tile(float* const* o, const float (*P)[kKeyChunk], const VT* const* vp, int nk) {
+  float *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3];
+  for (int d = 0; d < D; d += 2 * W) {
+    VF c0 = load(o0 + d), c1 = load(o0 + d + W), c2 = load(o1 + d), c3 = load(o1 + d + W);
+    VF c4 = load(o2 + d), c5 = load(o2 + d + W), c6 = load(o3 + d), c7 = load(o3 + d + W);
+    for (int j = 0; j < nk; ++j) {
+      const VT* v = vp[j];
+      const VF x0 = load(v + d), x1 = load(v + d + W);
+      VF p = set1(P[0][j]); c0 = fmadd(p, x0, c0); c1 = fmadd(p, x1, c1);
+      p = set1(P[1][j]); c2 = fmadd(p, x0, c2); c3 = fmadd(p, x1, c3);
+      p = set1(P[2][j]); c4 = fmadd(p, x0, c4); c5 = fmadd(p, x1, c5);
+      p = set1(P[3][j]); c6 = fmadd(p, x0, c6); c7 = fmadd(p, x1, c7);
+    }
+    store(o0 + d, c0); store(o0 + d + W, c1); store(o1 + d, c2); store(o1 + d + W, c3);
+    store(o2 + d, c4); store(o2 + d + W, c5); store(o3 + d, c6); store(o3 + d + W, c7);
+  }
+}
+
+template <typename T>
+inline void widen_row(const T* src, float* dst, int D) {
+  for (int d = 0; d < D; d += W) store(dst + d, load(src + d));
+}
+
+constexpr int kPrefetchChunks = 1;  // software prefetch distance, in chunks
+
+struct Scratch {
+  float* qf;    // [rows][D] scaled queries
+  float* acc;   // [rows + kRowTile][D] output accumulators (+ dummy rows for partial tiles)
+  float* m;     // [rows] running max
+  float* l;     // [rows] running sum
+  int64_t* kb;  // [rows] first visible key
+  int64_t* ke;  // [rows] one past the last visible key
+  float* kbuf;  // [D][kKeyChunk] widened keys, transposed
+  float* vbuf;  // [kKeyChunk][D] widened values
+};
+
+inline int64_t align64(int64_t x) { return (x + 63) & ~int64_t(63); }
+
+int64_t attend_scratch_bytes(int64_t rows, int64_t D) {
+  return align64(rows * D * 4) + align64((rows + kRowTile) * D * 4) + 2 * align64(rows * 4) + 2 * align64(rows * 8) +
+         2 * align64(kKeyChunk * D * 4) + 64;
+}
+
+Scratch carve(void* scratch, int64_t rows, int64_t D) {
+  char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t(63));
+  Scratch s;
+  s.qf = reinterpret_cast<float*>(p); p += align64(rows * D * 4);
+  s.acc = reinterpret_cast<float*>(p); p += align64((rows + kRowTile) * D * 4);
+  s.m = reinterpret_cast<float*>(p); p += align64(rows * 4);
+  s.l = reinterpret_cast<float*>(p); p += align64(rows * 4);
+  s.kb = reinterpret_cast<int64_t*>(p); p += align64(rows * 8);
+  s.ke = reinterpret_cast<int64_t*>(p); p += align64(rows * 8);
+  s.kbuf = reinterpret_cast<float*>(p); p += align64(kKeyChunk * D * 4);
+  s.vbuf = reinterpret_cast<float*>(p);
+  return s;
+}
+
+template <typename T, int D>
+void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse, void* scratch) {
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t nq = it.q_end - it.q_begin;
+  const int64_t nh = it.h_end - it.h_begin;
+  const int64_t rows_h = nq * group;  // rows per KV head
+  const int64_t rows = nh * rows_h;
+  Scratch s = carve(scratch, rows, D);
+  const T* qbase = static_cast<const T*>(p.q);
+  const int64_t kv_len = paged::kv_len_of(p.kv_indptr, p.kv_last_page_len, it.b, p.page_size);
+  const int64_t qo0 = p.qo_indptr ? p.qo_indptr[it.b] : it.b;
+  const int64_t n_q_seq = p.qo_indptr ? p.qo_indptr[it.b + 1] - qo0 : 1;
+  int64_t any_b = it.k_end, any_e = it.k_begin;
+  for (int64_t t = it.q_begin; t < it.q_end; ++t) {
+    const int64_t q_pos = (t - qo0) + kv_len - n_q_seq;
+    int64_t kb, ke;
+    attn::visible_range(q_pos, kv_len, p.causal, p.window_left, &kb, &ke);
+    kb = kb > it.k_begin ? kb : it.k_begin;
+    ke = ke < it.k_end ? ke : it.k_end;
+    if (ke < kb) ke = kb;
+    if (kb < ke) { any_b = kb < any_b ? kb : any_b; any_e = ke > any_e ? ke : any_e; }
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = hh * rows_h + (t - it.q_begin) * group + g;
+        s.kb[r] = kb;
+        s.ke[r] = ke;
+        const T* qr = qbase + t * p.q_stride_t + ((it.h_begin + hh) * group + g) * p.q_stride_h;
+        float* dst = s.qf + r * D;
+        for (int d = 0; d < D; ++d) dst[d] = to_float(qr[d]) * p.scale;
+        s.m[r] = -INFINITY;
+        s.l[r] = 0.0f;
+      }
+    }
+  }
+  for (int64_t i = 0; i < (rows + kRowTile) * D; ++i) s.acc[i] = 0.0f;
+
+  const int64_t n_tiles_h = (rows_h + kRowTile - 1) / kRowTile;
+  const bool widen = n_tiles_h > 2;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const int32_t* pages = p.kv_indices + p.kv_indptr[it.b];
+  const T* kbase[kKeyChunk];
+  const T* vbase[kKeyChunk];
+  const T* kp[kKeyChunk];
+  const T* vp[kKeyChunk];
+  const float* vpf[kKeyChunk];
+  alignas(64) float S[kRowTile][kKeyChunk];
+  const float cap = p.softcap;
+  // bytes of the heads this item reads, per token (contiguous when the heads are adjacent)
+  const int64_t span = ((nh - 1) * p.k_stride_head + D) * (int64_t)sizeof(T);
+
+  // keys per chunk: the chunk's K+V over all the item's heads stays around 128 KiB (a quarter of
+  // L2), so it and the kPrefetchChunks chunks prefetched ahead of it fit in L2 together
+  int ck = (int)((64 * 1024) / span);
+  ck = ck < 16 ? 16 : (ck > kKeyChunk ? kKeyChunk : ck);
+  ck = ck / 16 * 16;  // multiple of W
+  {
+    // the first chunk has nobody to prefetch it
+    const int64_t e0 = any_b + kPrefetchChunks * ck < any_e ? any_b + kPrefetchChunks * ck : any_e;
+    for (int64_t key = any_b; key < e0; ++key) {
+      const int64_t pi = key / p.page_size;
+      const char* kr = reinterpret_cast<const char*>(kc + pages[pi] * p.k_stride_page + (key - pi * p.page_size) * p.k_stride_tok + it.h_begin * p.k_stride_head);
+      const char* vr = reinterpret_cast<const char*>(vc + pages[pi] * p.v_stride_page + (key - pi * p.page_size) * p.v_stride_tok + it.h_begin * p.v_stride_head);
+      for (int64_t b = 0; b < span; b += 64) { prefetch(kr + b); prefetch(vr + b); }
+    }
+  }
+  for (int64_t c0 = any_b; c0 < any_e; c0 += ck) {
+    const int nk = (int)((any_e - c0) < ck ? (any_e - c0) : ck);
+    for (int j = 0; j < nk; ++j) {
+      const int64_t key = c0 + j;
+      const int64_t pi = key / p.page_size;
+      const int64_t page = pages[pi];
+      const int64_t off = key - pi * p.page_size;
+      kbase[j] = kc + page * p.k_stride_page + off * p.k_stride_tok + it.h_begin * p.k_stride_head;
+      vbase[j] = vc + page * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head;
+    }
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      // prefetch the next chunk (all heads), a slice per head so the requests spread over the work
+      // (the hardware prefetchers do not follow page-table jumps or one head's 4 KiB-strided rows)
+      {
+        const int64_t n0 = c0 + kPrefetchChunks * ck + (hh * ck) / nh;
+        const int64_t n1a = c0 + kPrefetchChunks * ck + ((hh + 1) * ck) / nh;
+        const int64_t n1 = n1a < any_e ? n1a : any_e;
+        for (int64_t key = n0; key < n1; ++key) {
+          const int64_t pi = key / p.page_size;
+          const int64_t page = pages[pi];
+          const int64_t off = key - pi * p.page_size;
+          const char* kr = reinterpret_cast<const char*>(kc + page * p.k_stride_page + off * p.k_stride_tok + it.h_begin * p.k_stride_head);
+          const char* vr = reinterpret_cast<const char*>(vc + page * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head);
+          for (int64_t b = 0; b < span; b += 64) { prefetch(kr + b); prefetch(vr + b); }
+        }
+      }
+      for (int j = 0; j < nk; ++j) {
+        kp[j] = kbase[j] + hh * p.k_stride_head;
+        vp[j] = vbase[j] + hh * p.v_stride_head;
+      }
+      if (widen) {
+        for (int j = 0; j < nk; ++j) {
+          const T* kr = kp[j];
+          for (int d = 0; d < D; ++d) s.kbuf[d * kKeyChunk + j] = to_float(kr[d]);  // transposed
+          widen_row<T>(vp[j], s.vbuf + j * D, D);
+          vpf[j] = s.vbuf + j * D;
+        }
+      }
+      for (int64_t t0 = hh * rows_h; t0 < (hh + 1) * rows_h; t0 += kRowTile) {
+        const int64_t rend = (hh + 1) * rows_h;
+        const int nr = (int)((rend - t0) < kRowTile ? (rend - t0) : kRowTile);
+        // skip the tile when no row sees any key of the chunk
+        bool any = false, full = true;
+        for (int r = 0; r < nr; ++r) {
+          const int64_t kb = s.kb[t0 + r], ke = s.ke[t0 + r];
+          if (kb < c0 + nk && ke > c0) any = true;
+          if (!(kb <= c0 && ke >= c0 + nk)) full = false;
+        }
+        if (!any) continue;
+        const float* qrows[kRowTile];
+        float* orows[kRowTile];
+        for (int r = 0; r < kRowTile; ++r) {
+          qrows[r] = s.qf + (t0 + (r < nr ? r : 0)) * D;
+          orows[r] = r < nr ? s.acc + (t0 + r) * D : s.acc + (rows + r) * D;  // dummy rows
+        }
+        if (widen) qk_tile_t<D>(qrows, s.kbuf, nk, S);
+        else qk_tile<T, D>(qrows, kp, nk, S);
+        for (int r = 0; r < kRowTile; ++r) {
+          float* sr = S[r];
+          if (r >= nr) {
+            for (int j = 0; j < ck; ++j) sr[j] = 0.0f;
+            continue;
+          }
+          const int64_t row = t0 + r;
+          if (cap > 0.0f)
+            for (int j = 0; j < nk; ++j) sr[j] = attn::softcap(sr[j], cap);
+          if (!full) {
+            const int64_t kb = s.kb[row], ke = s.ke[row];
+            for (int j = 0; j < nk; ++j)
+              if (c0 + j < kb || c0 + j >= ke) sr[j] = -INFINITY;
+          }
+          for (int j = nk; j < ck; ++j) sr[j] = -INFINITY;
+          VF mx = load(sr);
+          for (int j = W; j < ck; j += W) mx = max(mx, load(sr + j));
+          const float bm = hmax(mx);
+          if (bm == -INFINITY) {
+            for (int j = 0; j < ck; ++j) sr[j] = 0.0f;
+            continue;
+          }
+          attn::OnlineSoftmax os{s.m[row], s.l[row]};
+          const float alpha = os.rescale_to(bm);
+          if (alpha != 1.0f) {
+            float* o = s.acc + row * D;
+            const VF va = set1(alpha);
+            for (int d = 0; d < D; d += W) store(o + d, mul(load(o + d), va));
+          }
+          const VF vm = set1(os.m);
+          VF sum = set1(0.0f);
+          for (int j = 0; j < ck; j += W) {
+            const VF e = exp(sub(load(sr + j), vm));
+            store(sr + j, e);
+            sum = add(sum, e);
+          }
+          os.l += hsum(sum);
+          s.m[row] = os.m;
+          s.l[row] = os.l;
+        }
+        if (widen) pv_tile<float, D>(orows, S, vpf, nk);
+        else pv_tile<T, D>(orows, S, vp, nk);
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * D;
+    const float* a = s.acc + r * D;
+    const float l = s.l[r];
+    if (l > 0.0f) {
+      const VF inv = set1(1.0f / l);
+      for (int d = 0; d < D; d += W) store(o + d, mul(load(a + d), inv));
+      lse[r] = s.m[r] + std::log(l);
+    } else {
+      for (int d = 0; d < D; ++d) o[d] = 0.0f;
+      lse[r] = -INFINITY;
+    }
+  }
+}
+
+void attend(const PagedParams& p, const PagedItem& it, float* out, float* lse, void* scratch) {
+  TT_DISPATCH_FLOAT(p.dtype, T, TT_DISPATCH_HEAD_DIM(p.D, D, attend_t<T, D>(p, it, out, lse, scratch)))
+}
+
+template <typename T>
+void merge_rows_t(int64_t n, int64_t D, const T* a, int64_t sa, const float* la, const T* b, int64_t sb,
+                  const float* lb, T* o, int64_t so, float* lo) {
+  for (int64_t r = 0; r < n; ++r) {
+    const attn::MergeWeights w = attn::merge_weights(la[r], lb[r]);
+    const T* ar = a + r * sa;
+    const T* br = b + r * sb;
+    T* orow = o + r * so;
+    if (sizeof(T) == 4 && D % W == 0) {
+      const VF wa = set1(w.wa), wb = set1(w.wb);
+      for (int64_t d = 0; d < D; d += W)
+        store(reinterpret_cast<float*>(orow) + d, fmadd(wa, load(ar + d), mul(wb, load(br + d))));
+    } else {
+      for (int64_t d = 0; d < D; ++d) paged::store_float(orow + d, w.wa * to_float(ar[d]) + w.wb * to_float(br[d]));
+    }
+    lo[r] = w.lse;
+  }
+}
+
+void merge_rows(DType dtype, int64_t n, int64_t D, const void* a, int64_t sa, const float* la, const void* b,
+                int64_t sb, const float* lb, void* o, int64_t so, float* lo) {
+  TT_DISPATCH_FLOAT(dtype, T,
+                    merge_rows_t<T>(n, D, static_cast<const T*>(a), sa, la, static_cast<const T*>(b), sb, lb,
+                                    static_cast<T*>(o), so, lo))
+}
+
+const CpuKernels kKernels = {attend_scratch_bytes, attend, merge_rows};
+
+}  // namespace
+
+const CpuKernels* paged_kernels() { return &kKernels; }
+
+}  // namespace TTSCALE_CPU_ISA
+}  // namespace cpu
+}  // namespace ttscale
