@@ -1,0 +1,77 @@
+// Dense flash attention forward: shared definitions for the CPU and CUDA paths (torch-free).
+//
+// Semantics (python/ttscale/ops/attention.py has the user-facing contract):
+//   o[t, h] = sum_j softmax_j(s_j) v[j, h / G],  s_j = softcap(scale * q[t, h] . k[j, h / G])
+//   over the keys j visible to query t (attn::visible: causal aligned bottom-right, sliding window),
+//   G = Hq / Hkv. LSE = natural log of sum_j exp(s_j), float32; no visible key: o = 0, LSE = -inf.
+//
+// Layout seen by the kernels: sequence b has q_len(b) queries and k_len(b) keys. Padded inputs
+// ([B, S, H, D]) use batch strides and cu == nullptr; ragged inputs ([T, H, D]) use cu_seqlens
+// (token offsets) and batch stride 0. The output is [total query tokens, Hq, D] contiguous (fp32
+// on the CPU path, q's dtype on CUDA) and LSE [total query tokens, Hq].
+//
+// CPU algorithm (attention_cpu.cpp): one work unit = (sequence, KV head, tile of query rows) and
+// covers all G query heads that share the KV head, so M = G * tile rows share every K/V block.
+// Q is scaled and widened to fp32 once per unit; each block of kBlockK keys is widened once (K
+// transposed to [D][kBlockK] for the S = Q K^T micro-kernel, V kept [kBlockK][D] for O += P V);
+// blocks that no row of the unit can see are skipped (causal / window).
+#pragma once
+#include <cstdint>
+
+#include "common/attention_math.h"
+#include "common/dtype.h"
+#include "common/host_device.h"
+
+namespace ttscale {
+namespace attention {
+
+struct AttnParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;     // [Tq, Hq, D] contiguous
+  float* lse = nullptr;  // [Tq, Hq] or nullptr
+  DType dtype = DType::kFloat32;
+  // element strides: batch (0 when ragged), token, head; the last dim is contiguous
+  int64_t q_sb = 0, q_st = 0, q_sh = 0;
+  int64_t k_sb = 0, k_st = 0, k_sh = 0;
+  int64_t v_sb = 0, v_st = 0, v_sh = 0;
+  int64_t B = 0, Hq = 0, Hkv = 0, D = 0;
+  int64_t Sq = 0, Sk = 0;              // padded layout: query / key length of every sequence
+  const int32_t* cu_q = nullptr;       // ragged layout: [B+1] token offsets (host or device memory)
+  const int32_t* cu_k = nullptr;
+  float scale = 1.0f;
+  float softcap = 0.0f;                // <= 0: off
+  bool causal = false;
+  int64_t window_left = -1;            // < 0: off
+
+  TT_HD int64_t q_begin(int64_t b) const { return cu_q ? (int64_t)cu_q[b] : b * Sq; }  // global query token
+  TT_HD int64_t q_len(int64_t b) const { return cu_q ? (int64_t)(cu_q[b + 1] - cu_q[b]) : Sq; }
+  TT_HD int64_t k_begin(int64_t b) const { return cu_k ? (int64_t)cu_k[b] : 0; }  // token offset (ragged)
+  TT_HD int64_t k_len(int64_t b) const { return cu_k ? (int64_t)(cu_k[b + 1] - cu_k[b]) : Sk; }
+};
+
+constexpr int kBlockK = 64;  // CPU: keys per block
+
+// CPU: query rows per tile so that a unit has about 64 rows (G heads x rows).
+inline int64_t cpu_q_tile(int64_t G) {
+  const int64_t t = 64 / (G > 0 ? G : 1);
+  return t < 4 ? 4 : t;
+}
+// CPU scratch floats for one unit of M rows: Q, O [M][D]; K^T [D][kBlockK]; V [kBlockK][D];
+// P [M][kBlockK]; m, l, alpha [M]; row key ranges [2M] (as floats' storage, int64 each -> 2 floats).
+inline int64_t cpu_scratch_floats(int64_t M, int64_t D) {
+  return 2 * M * D + 2 * D * kBlockK + M * kBlockK + 3 * M + 4 * M + 64;
+}
+
+struct CpuKernels {
+  // One unit: sequence b, KV head hk, query rows [r0, r1) of the sequence, all G query heads.
+  // Writes fp32 o and lse (if non-null). scratch: cpu_scratch_floats(G * (r1 - r0), D) floats.
+  void (*run_unit)(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1, float* scratch);
+};
+
+}  // namespace attention
+}  // namespace ttscale
+
+#include "common/cpu_dispatch.h"
+TT_DECLARE_CPU_KERNELS(ttscale::attention::CpuKernels, attention_kernels)

@@ -1,0 +1,277 @@
+// Per-ISA CPU kernel of dense flash attention (compiled once per ISA; see common/cpu_simd.h and
+// the algorithm notes in attention.h). Torch-free; everything is in an anonymous namespace.
+//
+// Micro-kernels (fp32 FMA, register-blocked):
+//   qk<MR>:  S[MR][kBlockK] = Q[MR][D] . K^T[D][kBlockK]; accumulators MR rows x NV vectors of keys,
+//            each step broadcasts one Q element per row and loads NV vectors of K^T.
+//   pv<MR>:  O[MR][D] = alpha * O + P[MR][n] . V[n][D]; accumulators MR rows x NV vectors of D.
+// AVX2: 6 x 2 vectors (12 of the 16 ymm registers); AVX-512: 6 x 4 vectors (24 of 32 zmm);
+// generic: 4 x 2 vectors of plain C++ lanes.
+#include "ops/attention/attention.h"
+#include "common/cpu_simd.h"
+#include "common/dispatch.h"
+
+#include <cstdint>
+#include <cstring>
+
+namespace ttscale {
+namespace cpu {
+namespace TTSCALE_CPU_ISA {
+namespace {
+
+using attention::AttnParams;
+using attention::CpuKernels;
+using attention::kBlockK;
+
+#if defined(TTSCALE_CPU_ISA_AVX512)
+constexpr int kMR = 6, kNV = 4;
+#elif defined(TTSCALE_CPU_ISA_AVX2)
+constexpr int kMR = 6, kNV = 2;
+#else
+constexpr int kMR = 4, kNV = 2;
+#endif
+constexpr int kNC = kNV * W;  // columns per micro-tile
+static_assert(kBlockK % kNC == 0, "kBlockK must be a multiple of the micro-tile width");
+static_assert(64 % kNC == 0, "head dims must be multiples of the micro-tile width");
+
+// vector tanh(x) = 1 - 2 / (exp(2x) + 1) (exp saturates: +-1 for large |x|)
+inline VF vtanh(VF x) {
+  const VF e = exp(add(x, x));
+  const VF one = set1(1.0f);
+  VF r;
+#if defined(TTSCALE_CPU_ISA_AVX512)
+  r.v = _mm512_sub_ps(one.v, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e.v, one.v)));
+#elif defined(TTSCALE_CPU_ISA_AVX2)
+  r.v = _mm256_sub_ps(one.v, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e.v, one.v)));
+#else
+  for (int i = 0; i < W; ++i) r.v[i] = 1.0f - 2.0f / (e.v[i] + 1.0f);
+#endif
+  // exp(2x) overflows to its clamp for x > ~44: 1 - 2/(big) rounds to 1, as wanted.
+  return r;
+}
+inline VF vbroadcast(const float* p) { return set1(*p); }
+
+// S rows [MR] x columns [ncols] (ncols multiple of kNC), K^T with leading dimension kBlockK.
+template <int MR>
+inline void qk(const float* __restrict Q, int64_t D, const float* __restrict KT, int ncols, float* __restrict S) {
+  for (int c0 = 0; c0 < ncols; c0 += kNC) {
+    VF acc[MR][kNV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) acc[r][v] = set1(0.0f);
+    const float* kt = KT + c0;
+    for (int64_t d = 0; d < D; ++d) {
+      VF kv[kNV];
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) kv[v] = load(kt + d * kBlockK + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const VF qv = vbroadcast(Q + r * D + d);
+#pragma GCC unroll 8
+        for (int v = 0; v < kNV; ++v) acc[r][v] = fmadd(qv, kv[v], acc[r][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) store(S + r * kBlockK + c0 + v * W, acc[r][v]);
+  }
+}
+
+// O[MR][D] = alpha[r] * O + P[MR][0..n) . V[0..n)[D]; V rows ldv floats apart.
+template <int MR>
+inline void pv(const float* __restrict P, const float* __restrict V, int64_t ldv, int n, int64_t D,
+               const float* __restrict alpha, float* __restrict O) {
+  for (int64_t d0 = 0; d0 < D; d0 += kNC) {
+    VF acc[MR][kNV];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const VF a = set1(alpha[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) acc[r][v] = mul(a, load(O + r * D + d0 + v * W));
+    }
+    const float* vp = V + d0;
+    for (int j = 0; j < n; ++j) {
+      VF vv[kNV];
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) vv[v] = load(vp + j * ldv + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const VF pr = vbroadcast(P + r * kBlockK + j);
+#pragma GCC unroll 8
+        for (int v = 0; v < kNV; ++v) acc[r][v] = fmadd(pr, vv[v], acc[r][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < kNV; ++v) store(O + r * D + d0 + v * W, acc[r][v]);
+  }
+}
+
+template <int MR>
+void qk_rows(const float* Q, int64_t D, const float* KT, int ncols, float* S, int64_t M) {
+  int64_t r = 0;
+  for (; r + MR <= M; r += MR) qk<MR>(Q + r * D, D, KT, ncols, S + r * kBlockK);
+  switch (M - r) {  // row tail
+    case 5: qk<5>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
+    case 4: qk<4>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
+    case 3: qk<3>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
+    case 2: qk<2>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
+    case 1: qk<1>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
+    default: break;
+  }
+}
+template <int MR>
+void pv_rows(const float* P, const float* V, int64_t ldv, int n, int64_t D, const float* alpha, float* O, int64_t M) {
+  int64_t r = 0;
+  for (; r + MR <= M; r += MR) pv<MR>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D);
+  switch (M - r) {
+    case 5: pv<5>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
+    case 4: pv<4>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
+    case 3: pv<3>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
+    case 2: pv<2>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
+    case 1: pv<1>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
+    default: break;
+  }
+}
+
+// Widen W elements (fp32 / fp16 / bf16) and store them as fp32.
+template <typename T>
+inline void widen_row(const T* src, float* dst, int64_t D, float mul_by) {
+  const VF s = set1(mul_by);
+  for (int64_t d = 0; d < D; d += W) store(dst + d, mul(load(src + d), s));
+}
+
+template <typename T>
+void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1, float* scratch) {
+  const int64_t D = p.D, G = p.Hq / p.Hkv, tq = r1 - r0, M = G * tq;
+  const int64_t q_len = p.q_len(b), k_len = p.k_len(b), qtok0 = p.q_begin(b), ktok0 = p.k_begin(b);
+  const int64_t off = k_len - q_len;  // bottom-right alignment
+  // scratch layout
+  float* Qb = scratch;
+  float* Ob = Qb + M * D;
+  float* KT = Ob + M * D;
+  float* Vb = KT + D * kBlockK;
+  float* Pb = Vb + kBlockK * D;
+  float* mrow = Pb + M * kBlockK;
+  float* lrow = mrow + M;
+  float* alpha = lrow + M;
+  int64_t* kb = reinterpret_cast<int64_t*>(alpha + M + ((alpha + M - scratch) & 1));  // 8-byte aligned
+  int64_t* ke = kb + M;
+
+  const T* qbase = static_cast<const T*>(p.q) + b * p.q_sb + (p.cu_q ? qtok0 * p.q_st : 0);
+  const T* kbase = static_cast<const T*>(p.k) + b * p.k_sb + ktok0 * p.k_st + hk * p.k_sh;
+  const T* vbase = static_cast<const T*>(p.v) + b * p.v_sb + ktok0 * p.v_st + hk * p.v_sh;
+
+  // rows: r = g * tq + i  (head hk * G + g, query r0 + i)
+  int64_t kmin = k_len, kmax = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    for (int64_t i = 0; i < tq; ++i) {
+      const int64_t r = g * tq + i;
+      widen_row(qbase + (r0 + i) * p.q_st + h * p.q_sh, Qb + r * D, D, p.scale);
+      int64_t a, e;
+      attn::visible_range(r0 + i + off, k_len, p.causal, p.window_left, &a, &e);
+      kb[r] = a;
+      ke[r] = e;
+      if (a < e) {
+        kmin = a < kmin ? a : kmin;
+        kmax = e > kmax ? e : kmax;
+      }
+      mrow[r] = -INFINITY;
+      lrow[r] = 0.0f;
+    }
+  }
+  std::memset(Ob, 0, sizeof(float) * M * D);
+  const float cap = p.softcap;
+  const float inv_cap = cap > 0.0f ? 1.0f / cap : 0.0f;
+
+  for (int64_t j0 = kmin; j0 < kmax; j0 += kBlockK) {
+    const int n = (int)(kmax - j0 < kBlockK ? kmax - j0 : kBlockK);
+    const int ncols = (n + kNC - 1) / kNC * kNC;
+    // K^T block (zero-padded to ncols) and V block, widened once for all M rows
+    for (int j = 0; j < n; ++j) {
+      const T* kr = kbase + (j0 + j) * p.k_st;
+      for (int64_t d = 0; d < D; ++d) KT[d * kBlockK + j] = to_float(kr[d]);
+    }
+    for (int j = n; j < ncols; ++j)
+      for (int64_t d = 0; d < D; ++d) KT[d * kBlockK + j] = 0.0f;
+    const float* Vp;
+    int64_t ldv;
+    if (sizeof(T) == 4) {
+      Vp = reinterpret_cast<const float*>(vbase + j0 * p.v_st);
+      ldv = p.v_st;
+    } else {
+      for (int j = 0; j < n; ++j) widen_row(vbase + (j0 + j) * p.v_st, Vb + j * D, D, 1.0f);
+      Vp = Vb;
+      ldv = D;
+    }
+    qk_rows<kMR>(Qb, D, KT, ncols, Pb, M);
+    // softcap, mask, online softmax -> P (in place), alpha
+    for (int64_t r = 0; r < M; ++r) {
+      float* s = Pb + r * kBlockK;
+      // visible columns of this row within the block
+      int64_t a = kb[r] - j0, e = ke[r] - j0;
+      a = a < 0 ? 0 : a;
+      e = e > n ? n : e;
+      if (a >= e) {  // nothing visible in this block: P = 0, O unchanged
+        for (int j = 0; j < ncols; ++j) s[j] = 0.0f;
+        alpha[r] = 1.0f;
+        continue;
+      }
+      if (cap > 0.0f) {
+        const VF vc = set1(cap), vic = set1(inv_cap);
+        for (int j = 0; j < ncols; j += W) store(s + j, mul(vc, vtanh(mul(load(s + j), vic))));
+      }
+      for (int64_t j = 0; j < a; ++j) s[j] = -INFINITY;
+      for (int64_t j = e; j < ncols; ++j) s[j] = -INFINITY;
+      VF mx = set1(-INFINITY);
+      for (int j = 0; j < ncols; j += W) mx = max(mx, load(s + j));
+      attn::OnlineSoftmax st{mrow[r], lrow[r]};
+      alpha[r] = st.rescale_to(hmax(mx));
+      const VF mv = set1(st.m);
+      VF sum = set1(0.0f);
+      for (int j = 0; j < ncols; j += W) {
+        const VF e_ = exp(sub(load(s + j), mv));  // -inf -> 0
+        store(s + j, e_);
+        sum = add(sum, e_);
+      }
+      st.l += hsum(sum);
+      mrow[r] = st.m;
+      lrow[r] = st.l;
+    }
+    pv_rows<kMR>(Pb, Vp, ldv, n, D, alpha, Ob, M);
+  }
+
+  // normalise and write
+  float* out = static_cast<float*>(p.o);
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    for (int64_t i = 0; i < tq; ++i) {
+      const int64_t r = g * tq + i;
+      const int64_t t = qtok0 + r0 + i;
+      float* o = out + (t * p.Hq + h) * D;
+      attn::OnlineSoftmax st{mrow[r], lrow[r]};
+      const float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
+      const VF vi = set1(inv);
+      for (int64_t d = 0; d < D; d += W) store(o + d, mul(load(Ob + r * D + d), vi));
+      if (p.lse) p.lse[t * p.Hq + h] = st.lse();
+    }
+  }
+}
+
+void run_unit(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1, float* scratch) {
+  TT_DISPATCH_FLOAT(p.dtype, T, run_unit_t<T>(p, b, hk, r0, r1, scratch))
+}
+
+const CpuKernels kKernels = {run_unit};
+
+}  // namespace
+
+const CpuKernels* attention_kernels() { return &kKernels; }
+
+}  // namespace TTSCALE_CPU_ISA
+}  // namespace cpu
+}  // namespace ttscale
