@@ -52,6 +52,10 @@ struct AttnParams {
 };
 
 constexpr int kBlockK = 64;  // CPU: keys per block
+// CPU: padded leading dimensions of the widened K^T [D][kLdKT] and V [kBlockK][D + kPadV] blocks,
+// so that rows are not 4 KiB-aliased in the L1 cache (power-of-two strides map to few sets).
+constexpr int kLdKT = kBlockK + 16;
+constexpr int kPadV = 16;
 
 // CPU: query rows per tile so that a unit has about 64 rows (G heads x rows).
 inline int64_t cpu_q_tile(int64_t G) {
@@ -61,7 +65,7 @@ inline int64_t cpu_q_tile(int64_t G) {
 // CPU scratch floats for one unit of M rows: Q, O [M][D]; K^T [D][kBlockK]; V [kBlockK][D];
 // P [M][kBlockK]; m, l, alpha [M]; row key ranges [2M] (as floats' storage, int64 each -> 2 floats).
 inline int64_t cpu_scratch_floats(int64_t M, int64_t D) {
-  return 2 * M * D + 2 * D * kBlockK + M * kBlockK + 3 * M + 4 * M + 64;
+  return 2 * M * D + D * kLdKT + kBlockK * (D + kPadV) + M * kBlockK + 3 * M + 4 * M + 64;
 }
 
 struct CpuKernels {

@@ -22,6 +22,8 @@ namespace {
 using attention::AttnParams;
 using attention::CpuKernels;
 using attention::kBlockK;
+using attention::kLdKT;
+using attention::kPadV;
 
 #if defined(TTSCALE_CPU_ISA_AVX512)
 constexpr int kMR = 6, kNV = 4;
@@ -64,7 +66,7 @@ inline void qk(const float* __restrict Q, int64_t D, const float* __restrict KT,
     for (int64_t d = 0; d < D; ++d) {
       VF kv[kNV];
 #pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) kv[v] = load(kt + d * kBlockK + v * W);
+      for (int v = 0; v < kNV; ++v) kv[v] = load(kt + d * kLdKT + v * W);
 #pragma GCC unroll 8
       for (int r = 0; r < MR; ++r) {
         const VF qv = vbroadcast(Q + r * D + d);
@@ -144,6 +146,53 @@ inline void widen_row(const T* src, float* dst, int64_t D, float mul_by) {
   for (int64_t d = 0; d < D; d += W) store(dst + d, mul(load(src + d), s));
 }
 
+// K^T block: KT[d][j] = k[j][d] for j < n, 0 for n <= j < ncols (ncols multiple of 8).
+#if defined(TTSCALE_CPU_ISA_AVX2) || defined(TTSCALE_CPU_ISA_AVX512)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const half_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+inline __m256 load8(const bf16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+// 8 x 8 in-register transpose: rows r[0..8) -> columns
+inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+template <typename T>
+void widen_kt(const T* k, int64_t ldk, int n, int ncols, int64_t D, float* KT) {
+  int j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int64_t d = 0; d < D; d += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = load8(k + (j + i) * ldk + d);
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(KT + (d + i) * kLdKT + j, r[i]);
+    }
+  for (; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) KT[d * kLdKT + j] = to_float(k[j * ldk + d]);
+  for (; j < ncols; ++j)
+    for (int64_t d = 0; d < D; ++d) KT[d * kLdKT + j] = 0.0f;
+}
+#else
+template <typename T>
+void widen_kt(const T* k, int64_t ldk, int n, int ncols, int64_t D, float* KT) {
+  for (int j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) KT[d * kLdKT + j] = to_float(k[j * ldk + d]);
+  for (int j = n; j < ncols; ++j)
+    for (int64_t d = 0; d < D; ++d) KT[d * kLdKT + j] = 0.0f;
+}
+#endif
+
 template <typename T>
 void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t r1, float* scratch) {
   const int64_t D = p.D, G = p.Hq / p.Hkv, tq = r1 - r0, M = G * tq;
@@ -153,8 +202,8 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
   float* Qb = scratch;
   float* Ob = Qb + M * D;
   float* KT = Ob + M * D;
-  float* Vb = KT + D * kBlockK;
-  float* Pb = Vb + kBlockK * D;
+  float* Vb = KT + D * kLdKT;
+  float* Pb = Vb + kBlockK * (D + kPadV);
   float* mrow = Pb + M * kBlockK;
   float* lrow = mrow + M;
   float* alpha = lrow + M;
@@ -192,22 +241,10 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
     const int n = (int)(kmax - j0 < kBlockK ? kmax - j0 : kBlockK);
     const int ncols = (n + kNC - 1) / kNC * kNC;
     // K^T block (zero-padded to ncols) and V block, widened once for all M rows
-    for (int j = 0; j < n; ++j) {
-      const T* kr = kbase + (j0 + j) * p.k_st;
-      for (int64_t d = 0; d < D; ++d) KT[d * kBlockK + j] = to_float(kr[d]);
-    }
-    for (int j = n; j < ncols; ++j)
-      for (int64_t d = 0; d < D; ++d) KT[d * kBlockK + j] = 0.0f;
-    const float* Vp;
-    int64_t ldv;
-    if (sizeof(T) == 4) {
-      Vp = reinterpret_cast<const float*>(vbase + j0 * p.v_st);
-      ldv = p.v_st;
-    } else {
-      for (int j = 0; j < n; ++j) widen_row(vbase + (j0 + j) * p.v_st, Vb + j * D, D, 1.0f);
-      Vp = Vb;
-      ldv = D;
-    }
+    widen_kt(kbase + j0 * p.k_st, p.k_st, n, ncols, D, KT);
+    const int64_t ldv = D + kPadV;
+    for (int j = 0; j < n; ++j) widen_row(vbase + (j0 + j) * p.v_st, Vb + j * ldv, D, 1.0f);
+    const float* Vp = Vb;
     qk_rows<kMR>(Qb, D, KT, ncols, Pb, M);
     // softcap, mask, online softmax -> P (in place), alpha
     for (int64_t r = 0; r < M; ++r) {
