@@ -199,7 +199,19 @@ std::tuple<Tensor, Tensor> attention_cuda_impl(const Tensor& q, const Tensor& k,
                                                bool return_lse) {
   const Layout L = validate(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_left, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
-  AttnParams p = make_params(L, q, k, v, scale, causal, window_left, softcap);
+  TT_CHECK(L.B <= 65535 && L.Hq <= 65535, "attention (CUDA): batch and q heads must be <= 65535, got ", L.B, ", ", L.Hq);
+  // The fp16/bf16 kernel copies rows with 16-byte cp.async: rows must start 16-byte aligned.
+  auto aligned = [](const Tensor& t) {
+    if (t.scalar_type() == at::kFloat) return true;
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+    for (int64_t i = 0; i + 1 < t.dim(); ++i)
+      if (t.size(i) > 1 && t.stride(i) % 8 != 0) return false;
+    return true;
+  };
+  const Tensor qa = aligned(q) ? q : q.clone(at::MemoryFormat::Contiguous);
+  const Tensor ka = aligned(k) ? k : k.clone(at::MemoryFormat::Contiguous);
+  const Tensor va = aligned(v) ? v : v.clone(at::MemoryFormat::Contiguous);
+  AttnParams p = make_params(L, qa, ka, va, scale, causal, window_left, softcap);
   Tensor cuq, cuk;
   if (L.ragged) {
     cuq = cu_seqlens_q->contiguous();
