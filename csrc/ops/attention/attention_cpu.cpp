@@ -53,89 +53,93 @@ inline VF vtanh(VF x) {
 }
 inline VF vbroadcast(const float* p) { return set1(*p); }
 
-// S rows [MR] x columns [ncols] (ncols multiple of kNC), K^T with leading dimension kBlockK.
+// One micro-tile of S: rows [MR] x columns [c0, c0 + kNC) of K^T (leading dimension kLdKT).
 template <int MR>
-inline void qk(const float* __restrict Q, int64_t D, const float* __restrict KT, int ncols, float* __restrict S) {
-  for (int c0 = 0; c0 < ncols; c0 += kNC) {
-    VF acc[MR][kNV];
+inline void qk(const float* __restrict Q, int64_t D, const float* __restrict KT, float* __restrict S) {
+  VF acc[MR][kNV];
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) acc[r][v] = set1(0.0f);
-    const float* kt = KT + c0;
-    for (int64_t d = 0; d < D; ++d) {
-      VF kv[kNV];
+    for (int v = 0; v < kNV; ++v) acc[r][v] = set1(0.0f);
+  for (int64_t d = 0; d < D; ++d) {
+    VF kv[kNV];
 #pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) kv[v] = load(kt + d * kLdKT + v * W);
+    for (int v = 0; v < kNV; ++v) kv[v] = load(KT + d * kLdKT + v * W);
 #pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const VF qv = vbroadcast(Q + r * D + d);
+    for (int r = 0; r < MR; ++r) {
+      const VF qv = vbroadcast(Q + r * D + d);
 #pragma GCC unroll 8
-        for (int v = 0; v < kNV; ++v) acc[r][v] = fmadd(qv, kv[v], acc[r][v]);
-      }
+      for (int v = 0; v < kNV; ++v) acc[r][v] = fmadd(qv, kv[v], acc[r][v]);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) store(S + r * kBlockK + c0 + v * W, acc[r][v]);
   }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) store(S + r * kBlockK + v * W, acc[r][v]);
 }
 
-// O[MR][D] = alpha[r] * O + P[MR][0..n) . V[0..n)[D]; V rows ldv floats apart.
+// One micro-tile of O: rows [MR] x dims [d0, d0 + kNC): O = alpha[r] * O + P[MR][0..n) . V[0..n)[slab].
 template <int MR>
 inline void pv(const float* __restrict P, const float* __restrict V, int64_t ldv, int n, int64_t D,
                const float* __restrict alpha, float* __restrict O) {
-  for (int64_t d0 = 0; d0 < D; d0 += kNC) {
-    VF acc[MR][kNV];
+  VF acc[MR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+    const VF a = set1(alpha[r]);
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) acc[r][v] = mul(a, load(O + r * D + v * W));
+  }
+  for (int j = 0; j < n; ++j) {
+    VF vv[kNV];
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) vv[v] = load(V + j * ldv + v * W);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const VF a = set1(alpha[r]);
+      const VF pr = vbroadcast(P + r * kBlockK + j);
 #pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) acc[r][v] = mul(a, load(O + r * D + d0 + v * W));
+      for (int v = 0; v < kNV; ++v) acc[r][v] = fmadd(pr, vv[v], acc[r][v]);
     }
-    const float* vp = V + d0;
-    for (int j = 0; j < n; ++j) {
-      VF vv[kNV];
-#pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) vv[v] = load(vp + j * ldv + v * W);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const VF pr = vbroadcast(P + r * kBlockK + j);
-#pragma GCC unroll 8
-        for (int v = 0; v < kNV; ++v) acc[r][v] = fmadd(pr, vv[v], acc[r][v]);
-      }
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < kNV; ++v) store(O + r * D + d0 + v * W, acc[r][v]);
   }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kNV; ++v) store(O + r * D + v * W, acc[r][v]);
 }
 
+// Column slab outer, row groups inner: the K^T slab (D x kNC) stays in L1 while Q streams.
 template <int MR>
 void qk_rows(const float* Q, int64_t D, const float* KT, int ncols, float* S, int64_t M) {
-  int64_t r = 0;
-  for (; r + MR <= M; r += MR) qk<MR>(Q + r * D, D, KT, ncols, S + r * kBlockK);
-  switch (M - r) {  // row tail
-    case 5: qk<5>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
-    case 4: qk<4>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
-    case 3: qk<3>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
-    case 2: qk<2>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
-    case 1: qk<1>(Q + r * D, D, KT, ncols, S + r * kBlockK); break;
-    default: break;
+  for (int c0 = 0; c0 < ncols; c0 += kNC) {
+    int64_t r = 0;
+    for (; r + MR <= M; r += MR) qk<MR>(Q + r * D, D, KT + c0, S + r * kBlockK + c0);
+    const float* q = Q + r * D;
+    float* s = S + r * kBlockK + c0;
+    switch (M - r) {  // row tail
+      case 5: qk<5>(q, D, KT + c0, s); break;
+      case 4: qk<4>(q, D, KT + c0, s); break;
+      case 3: qk<3>(q, D, KT + c0, s); break;
+      case 2: qk<2>(q, D, KT + c0, s); break;
+      case 1: qk<1>(q, D, KT + c0, s); break;
+      default: break;
+    }
   }
 }
+// D slab outer, row groups inner: the V slab (n x kNC) stays in L1 while P streams.
 template <int MR>
 void pv_rows(const float* P, const float* V, int64_t ldv, int n, int64_t D, const float* alpha, float* O, int64_t M) {
-  int64_t r = 0;
-  for (; r + MR <= M; r += MR) pv<MR>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D);
-  switch (M - r) {
-    case 5: pv<5>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
-    case 4: pv<4>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
-    case 3: pv<3>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
-    case 2: pv<2>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
-    case 1: pv<1>(P + r * kBlockK, V, ldv, n, D, alpha + r, O + r * D); break;
-    default: break;
+  for (int64_t d0 = 0; d0 < D; d0 += kNC) {
+    int64_t r = 0;
+    for (; r + MR <= M; r += MR) pv<MR>(P + r * kBlockK, V + d0, ldv, n, D, alpha + r, O + r * D + d0);
+    const float* pp = P + r * kBlockK;
+    float* o = O + r * D + d0;
+    switch (M - r) {
+      case 5: pv<5>(pp, V + d0, ldv, n, D, alpha + r, o); break;
+      case 4: pv<4>(pp, V + d0, ldv, n, D, alpha + r, o); break;
+      case 3: pv<3>(pp, V + d0, ldv, n, D, alpha + r, o); break;
+      case 2: pv<2>(pp, V + d0, ldv, n, D, alpha + r, o); break;
+      case 1: pv<1>(pp, V + d0, ldv, n, D, alpha + r, o); break;
+      default: break;
+    }
   }
 }
 
