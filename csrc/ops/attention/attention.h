@@ -57,10 +57,19 @@ constexpr int kBlockK = 64;  // CPU: keys per block
 constexpr int kLdKT = kBlockK + 16;
 constexpr int kPadV = 16;
 
-// CPU: query rows per tile so that a unit has about 64 rows (G heads x rows).
+// CPU: query rows per tile, so that a unit has about 64 rows (G heads x rows) and the row count is
+// a multiple of 12 when possible (the micro-kernels take 6 rows on AVX2 / AVX-512, 4 on generic).
 inline int64_t cpu_q_tile(int64_t G) {
-  const int64_t t = 64 / (G > 0 ? G : 1);
-  return t < 4 ? 4 : t;
+  G = G > 0 ? G : 1;
+  int64_t t = (64 + G - 1) / G;
+  if (t < 4) t = 4;
+  int64_t best = t, best_diff = -1;
+  for (int64_t c = t > 12 ? t - 12 : 4; c <= t + 12; ++c) {
+    if ((G * c) % 12 != 0) continue;
+    const int64_t diff = G * c > 64 ? G * c - 64 : 64 - G * c;
+    if (best_diff < 0 || diff < best_diff) { best = c; best_diff = diff; }
+  }
+  return best;
 }
 // CPU scratch floats for one unit of M rows: Q, O [M][D]; K^T [D][kBlockK]; V [kBlockK][D];
 // P [M][kBlockK]; m, l, alpha [M]; row key ranges [2M] (as floats' storage, int64 each -> 2 floats).
