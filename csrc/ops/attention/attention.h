@@ -12,9 +12,11 @@
 //
 // CPU algorithm (attention_cpu.cpp): one work unit = (sequence, KV head, tile of query rows) and
 // covers all G query heads that share the KV head, so M = G * tile rows share every K/V block.
-// Q is scaled and widened to fp32 once per unit; each block of kBlockK keys is widened once (K
-// transposed to [D][kBlockK] for the S = Q K^T micro-kernel, V kept [kBlockK][D] for O += P V);
-// blocks that no row of the unit can see are skipped (causal / window).
+// The unit's Q is scaled, widened to fp32 and transposed once (Q^T [D][ldq], queries along SIMD
+// lanes); each block of kBlockK keys is widened once (K and V [kBlockK][D]). The micro-kernels
+// compute S^T = K Q^T (keys x queries), so the online softmax runs down the columns, W queries per
+// vector, with no horizontal reductions; then O += P V with P read from S^T. Blocks that no row of
+// the unit can see are skipped (causal / window); masks are applied only on boundary blocks.
 #pragma once
 #include <cstdint>
 
@@ -51,30 +53,30 @@ struct AttnParams {
   TT_HD int64_t k_len(int64_t b) const { return cu_k ? (int64_t)(cu_k[b + 1] - cu_k[b]) : Sk; }
 };
 
-constexpr int kBlockK = 64;  // CPU: keys per block
-// CPU: padded leading dimensions of the widened K^T [D][kLdKT] and V [kBlockK][D + kPadV] blocks,
-// so that rows are not 4 KiB-aliased in the L1 cache (power-of-two strides map to few sets).
-constexpr int kLdKT = kBlockK + 16;
-constexpr int kPadV = 16;
+constexpr int kBlockK = 96;  // CPU: keys per block (a multiple of the micro-kernels' 4 / 6 rows)
+constexpr int kPadD = 16;    // CPU: K / V block rows are D + kPadD floats apart (no 4 KiB L1 aliasing)
 
-// CPU: query rows per tile, so that a unit has about 64 rows (G heads x rows) and the row count is
-// a multiple of 12 when possible (the micro-kernels take 6 rows on AVX2 / AVX-512, 4 on generic).
+// CPU: query rows per tile, so that a unit has about 96 rows (G heads x rows), preferably a
+// multiple of 48 (16 SIMD columns of S^T and 6 micro-kernel rows of O).
 inline int64_t cpu_q_tile(int64_t G) {
   G = G > 0 ? G : 1;
-  int64_t t = (64 + G - 1) / G;
-  if (t < 4) t = 4;
-  int64_t best = t, best_diff = -1;
-  for (int64_t c = t > 12 ? t - 12 : 4; c <= t + 12; ++c) {
-    if ((G * c) % 12 != 0) continue;
-    const int64_t diff = G * c > 64 ? G * c - 64 : 64 - G * c;
-    if (best_diff < 0 || diff < best_diff) { best = c; best_diff = diff; }
+  const int64_t t = (96 + G - 1) / G;
+  int64_t best = t < 1 ? 1 : t, best_cost = -1;
+  for (int64_t c = t > 16 ? t - 16 : 1; c <= t + 16; ++c) {
+    const int64_t m = G * c;
+    const int64_t cost = (m > 96 ? m - 96 : 96 - m) + (m % 48 == 0 ? 0 : m % 16 == 0 ? 32 : m % 6 == 0 ? 48 : 64);
+    if (best_cost < 0 || cost < best_cost) { best = c; best_cost = cost; }
   }
   return best;
 }
-// CPU scratch floats for one unit of M rows: Q, O [M][D]; K^T [D][kBlockK]; V [kBlockK][D];
-// P [M][kBlockK]; m, l, alpha [M]; row key ranges [2M] (as floats' storage, int64 each -> 2 floats).
+// Leading dimension of Q^T and S^T for M queries: M rounded up to 64 (the widest SIMD column
+// tile), plus 16 so rows are not 4 KiB-aliased.
+inline int64_t cpu_ldq(int64_t M) { return (M + 63) / 64 * 64 + 16; }
+// CPU scratch floats for one unit of M rows: Q^T [D][ldq]; O [M][D]; K, V [kBlockK][D + kPadD];
+// S^T [kBlockK][ldq]; m, l, alpha, visible-begin, visible-end [ldq]; key ranges int64 [2M].
 inline int64_t cpu_scratch_floats(int64_t M, int64_t D) {
-  return 2 * M * D + D * kLdKT + kBlockK * (D + kPadV) + M * kBlockK + 3 * M + 4 * M + 64;
+  const int64_t ldq = cpu_ldq(M);
+  return D * ldq + M * D + 2 * kBlockK * (D + kPadD) + kBlockK * ldq + 5 * ldq + 4 * M + 64;
 }
 
 struct CpuKernels {
