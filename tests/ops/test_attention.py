@@ -84,10 +84,11 @@ PADDED = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("cfg", PADDED, ids=lambda c: "B{}_q{}_k{}_h{}x{}_d{}_c{}_w{}_s{}".format(*c[:9]))
-def test_padded_cpu(cpu_isa, dtype, cfg):
+def test_padded_cpu(cpu_isa, dtype, cfg, request):
     B, Sq, Sk, Hq, Hkv, D, causal, wl, sc, scale = cfg
-    if cpu_isa == "generic" and Sq * Sk > 20000 and dtype != torch.float32:
-        pytest.skip("big case: float32 only on the generic path (time budget)")
+    if (cpu_isa == "generic" and Sq * Sk > 20000 and dtype != torch.float32
+            and not request.config.getoption("--runslow")):
+        pytest.skip("slow: big fp16/bf16 cases on the generic path run with --runslow")
     q = _rand(B, Sq, Hq, D, dtype=dtype)
     k = _rand(B, Sk, Hkv, D, dtype=dtype, scale=1.5)
     v = _rand(B, Sk, Hkv, D, dtype=dtype)
