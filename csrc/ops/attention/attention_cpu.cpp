@@ -5,7 +5,7 @@
 //   st<MR>:  S^T[MR keys][kNC queries] = K[MR][D] . Q^T[D][kNC]; accumulators MR x NV vectors,
 //            each step broadcasts one K element per key and loads NV vectors of Q^T.
 //   pv<MR>:  O[MR][kNC dims] = alpha * O + P[MR][0..n) . V[0..n)[kNC dims], P read from S^T.
-// AVX2: 6 x 2 vectors (12 of the 16 ymm registers); AVX-512: 6 x 4 vectors (24 of 32 zmm);
+// AVX2: 6 x 2 vectors (12 of the 16 ymm registers); AVX-512: 12 x 2 vectors (24 of 32 zmm);
 // generic: 4 x 2 vectors of plain C++ lanes.
 #include "ops/attention/attention.h"
 #include "common/cpu_simd.h"
@@ -25,7 +25,7 @@ using attention::kBlockK;
 using attention::kPadD;
 
 #if defined(TTSCALE_CPU_ISA_AVX512)
-constexpr int kMR = 6, kNV = 4;
+constexpr int kMR = 12, kNV = 2;  // 32 columns: a 96-query unit is 3 column tiles, no padding
 #elif defined(TTSCALE_CPU_ISA_AVX2)
 constexpr int kMR = 6, kNV = 2;
 #else
@@ -145,11 +145,10 @@ void st_rows(const float* K, int64_t ldk, int n, int64_t D, const float* QT, int
   for (int c0 = 0; c0 < ncols; c0 += kNC) {
     int r = 0;
     for (; r + kMR <= n; r += kMR) st<kMR>(K + r * ldk, ldk, D, QT + c0, ldq, S + r * ldq + c0);
+    for (; r + 4 <= n; r += 4) st<4>(K + r * ldk, ldk, D, QT + c0, ldq, S + r * ldq + c0);  // key tail
     const float* k = K + r * ldk;
     float* s = S + r * ldq + c0;
-    switch (n - r) {  // key tail
-      case 5: st<5>(k, ldk, D, QT + c0, ldq, s); break;
-      case 4: st<4>(k, ldk, D, QT + c0, ldq, s); break;
+    switch (n - r) {
       case 3: st<3>(k, ldk, D, QT + c0, ldq, s); break;
       case 2: st<2>(k, ldk, D, QT + c0, ldq, s); break;
       case 1: st<1>(k, ldk, D, QT + c0, ldq, s); break;
@@ -163,11 +162,10 @@ void pv_rows(const float* P, int64_t ldp, const float* V, int64_t ldv, int n, in
   for (int64_t d0 = 0; d0 < D; d0 += kNC) {
     int64_t r = 0;
     for (; r + kMR <= M; r += kMR) pv<kMR>(P + r, ldp, V + d0, ldv, n, D, alpha + r, O + r * D + d0);
+    for (; r + 4 <= M; r += 4) pv<4>(P + r, ldp, V + d0, ldv, n, D, alpha + r, O + r * D + d0);  // row tail
     const float* pp = P + r;
     float* o = O + r * D + d0;
     switch (M - r) {
-      case 5: pv<5>(pp, ldp, V + d0, ldv, n, D, alpha + r, o); break;
-      case 4: pv<4>(pp, ldp, V + d0, ldv, n, D, alpha + r, o); break;
       case 3: pv<3>(pp, ldp, V + d0, ldv, n, D, alpha + r, o); break;
       case 2: pv<2>(pp, ldp, V + d0, ldv, n, D, alpha + r, o); break;
       case 1: pv<1>(pp, ldp, V + d0, ldv, n, D, alpha + r, o); break;
