@@ -344,3 +344,17 @@ def test_ragged_cuda_vs_reference_and_cpu(dtype):
     assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(cl))
     fin = torch.isfinite(cl)
     assert (lse.cpu()[fin] - cl[fin]).abs().max().item() < 1e-3
+
+
+def test_thread_count_invariant_cpu():
+    # units are independent: the result must not depend on how they are split across threads
+    q, k, v, cq, ck = _ragged(5, 8, 2, 128, torch.bfloat16, [100, 0, 33, 250, 7], [100, 3, 40, 250, 90])
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        o1, l1 = attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, return_lse=True)
+        torch.set_num_threads(max(2, prev))
+        o2, l2 = attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, return_lse=True)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
