@@ -1,7 +1,23 @@
 """ttscale ops: typed wrappers over ``torch.ops.ttscale.*`` with their fake (meta) kernels."""
+from .attention import attention
+from .paged_attention import (
+    append_paged_kv,
+    copy_pages,
+    merge_attention_states,
+    merge_attention_states_,
+    paged_attention,
+)
 from .sampling import sample, sample_from_probs, speculative_verify, token_logprobs
 
-__all__ = ["sample", "sample_from_probs", "token_logprobs", "speculative_verify"]
-from .paged_attention import append_paged_kv, copy_pages, merge_attention_states, merge_attention_states_, paged_attention
-
-__all__ += ["paged_attention", "merge_attention_states", "merge_attention_states_", "append_paged_kv", "copy_pages"]
+__all__ = [
+    "sample",
+    "sample_from_probs",
+    "token_logprobs",
+    "speculative_verify",
+    "attention",
+    "paged_attention",
+    "merge_attention_states",
+    "merge_attention_states_",
+    "append_paged_kv",
+    "copy_pages",
+]
