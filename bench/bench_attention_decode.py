@@ -1,8 +1,4 @@
-"""Same as `python -m ttscale.bench.attention_decode` (see python/ttscale/bench/attention_decode.py).
-
-Not yet registered as `ttscale bench attention_decode`: python/ttscale/bench/__init__.py (SUITES) is
-owned by the lead; the entry to add is "attention_decode": "ttscale.bench.attention_decode".
-"""
+"""Same as `ttscale bench attention_decode` (see python/ttscale/bench/attention_decode.py)."""
 import sys
 
 from ttscale.bench.attention_decode import main

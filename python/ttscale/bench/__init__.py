@@ -7,4 +7,7 @@ table and are written as JSON.
 """
 SUITES = {
     "sampling": "ttscale.bench.sampling",
+    "attention": "ttscale.bench.attention",
+    "attention_prefill": "ttscale.bench.attention_prefill",
+    "attention_decode": "ttscale.bench.attention_decode",
 }
