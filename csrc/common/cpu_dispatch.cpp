@@ -1,4 +1,5 @@
 #include "common/cpu_dispatch.h"
+#include "common/dispatch.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -90,4 +91,11 @@ std::string set_isa(const std::string& name) {
 }
 
 }  // namespace cpu
+}  // namespace ttscale
+
+namespace ttscale {
+void unsupported_head_dim(int64_t d) {
+  throw std::invalid_argument("ttscale: head dim " + std::to_string(d) + " has no kernel (supported: " TT_HEAD_DIMS_STR
+                              ")");
+}
 }  // namespace ttscale

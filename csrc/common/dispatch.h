@@ -34,6 +34,10 @@ namespace ttscale {
 #define TT_HEAD_DIMS_STR "64, 128, 256"
 inline bool head_dim_supported(int64_t d) { return d == 64 || d == 128 || d == 256; }
 
+// Raises std::invalid_argument (defined in cpu_dispatch.cpp, out of line so that per-ISA kernel
+// files need no std::string code). Ops validate head dims first, so reaching it is a bug.
+[[noreturn]] void unsupported_head_dim(int64_t d);
+
 // TT_DISPATCH_HEAD_DIM(d, D, body): runs `body` with constexpr int D in {64, 128, 256}.
 #define TT_DISPATCH_HEAD_DIM(d, D, ...)          \
   switch (d) {                                   \
@@ -45,10 +49,12 @@ inline bool head_dim_supported(int64_t d) { return d == 64 || d == 128 || d == 2
       constexpr int D = 128;                     \
       __VA_ARGS__;                               \
     } break;                                     \
-    default: {                                   \
+    case 256: {                                  \
       constexpr int D = 256;                     \
       __VA_ARGS__;                               \
     } break;                                     \
+    default:                                     \
+      ::ttscale::unsupported_head_dim(d);        \
   }
 
 }  // namespace ttscale
