@@ -7,6 +7,10 @@
 
 #include "common/dispatch.h"
 
+#if defined(TTSCALE_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
 #define TT_CHECK(cond, ...) TORCH_CHECK(cond, "ttscale: ", __VA_ARGS__)
 #define TT_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, "ttscale: ", __VA_ARGS__)
 
@@ -45,5 +49,12 @@ inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TT_CHECK(t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) <= 1, name,
            " must be contiguous in its last dimension, got strides ", t.strides());
 }
+
+#if defined(TTSCALE_WITH_CUDA)
+// The torch-free launchers return a cudaError_t as int; 0 is success.
+inline void check_launch(int err, const char* op) {
+  TT_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+#endif
 
 }  // namespace ttscale

@@ -544,9 +544,6 @@ namespace ttscale {
 namespace paged {
 namespace {
 
-void check_launch(int err, const char* op) {
-  TT_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 std::tuple<Tensor, Tensor> paged_attention_cuda_impl(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                                      const Tensor& kv_indptr, const Tensor& kv_indices,

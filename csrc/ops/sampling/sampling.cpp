@@ -583,9 +583,6 @@ Tensor cuda_status(const Tensor& like) {
   return s;
 }
 
-void check_launch(int err, const char* op) {
-  TT_CHECK(err == 0, op, ": CUDA kernel launch failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 // First NaN / +inf token of a row (the kernels report only the row).
 int64_t first_bad_token(const Tensor& row) {
