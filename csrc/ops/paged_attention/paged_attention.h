@@ -40,34 +40,6 @@ constexpr int kRowTile = 4;            // query rows per register micro-tile (CP
 constexpr int kMaxRowsPerItem = 256;   // rows (queries x group heads) per CPU work item
 constexpr int64_t kMinSplitKeys = 512; // CPU split-KV: never split into fewer keys than this
 
-// float -> fp16 / bf16, round to nearest even (NaN stays NaN), the same on host and device.
-TT_HD uint16_t float_to_bf16_bits(float f) {
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);
-  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-TT_HD uint16_t float_to_half_bits(float f) {
-  const uint32_t u = float_to_bits(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t au = u & 0x7FFFFFFFu;
-  if (au > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);   // NaN
-  if (au >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);  // rounds to >= 65520: inf
-  if (au < 0x38800000u) {                                    // below the smallest normal: subnormal / 0
-    const float a = bits_to_float(au);
-    // a * 2^24 rounded to nearest even (the subnormal mantissa); exact through float arithmetic
-    const float scaled = a * 16777216.0f;
-    uint32_t m = (uint32_t)scaled;
-    const float frac = scaled - (float)m;
-    if (frac > 0.5f || (frac == 0.5f && (m & 1u))) ++m;
-    return (uint16_t)(sign | m);
-  }
-  const uint32_t r = au + 0xFFFu + ((au >> 13) & 1u);  // round mantissa to 10 bits
-  return (uint16_t)(sign | (((r >> 13) - (112u << 10)) & 0x7FFFu));
-}
-TT_HD void store_float(float* p, float x) { *p = x; }
-TT_HD void store_float(half_t* p, float x) { p->bits = float_to_half_bits(x); }
-TT_HD void store_float(bf16_t* p, float x) { p->bits = float_to_bf16_bits(x); }
-
 TT_HD int64_t kv_len_of(const int32_t* indptr, const int32_t* last_len, int64_t b, int64_t page_size) {
   const int64_t np = (int64_t)indptr[b + 1] - indptr[b];
   return np > 0 ? (np - 1) * page_size + last_len[b] : 0;

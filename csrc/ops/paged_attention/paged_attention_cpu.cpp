@@ -346,7 +346,7 @@ void merge_rows_t(int64_t n, int64_t D, const T* a, int64_t sa, const float* la,
       for (int64_t d = 0; d < D; d += W)
         store(reinterpret_cast<float*>(orow) + d, fmadd(wa, load(ar + d), mul(wb, load(br + d))));
     } else {
-      for (int64_t d = 0; d < D; ++d) paged::store_float(orow + d, w.wa * to_float(ar[d]) + w.wb * to_float(br[d]));
+      for (int64_t d = 0; d < D; ++d) store_float(orow + d, w.wa * to_float(ar[d]) + w.wb * to_float(br[d]));
     }
     lo[r] = w.lse;
   }
