@@ -58,26 +58,39 @@ inline VF unpack(const uint8_t* rec, int h) {
 }
 
 // GEMV: codes streamed once; per group, acc = sum_k q x, then y += s * (acc - z * xsum).
+// U independent accumulator chains per row (k interleaved) hide the FMA latency when M is small.
 template <int B, int MR>
 void gemv_t(const BlockArgs& a) {
+  constexpr int U = MR >= 8 ? 1 : (MR >= 4 ? 2 : (MR >= 2 ? 4 : 8));  // >= 8 chains in flight
   const int64_t ng = a.K / a.G;
   constexpr int RB = 2 * B;  // record bytes
+  const int64_t G = a.G, Gu = G - G % U;
   for (int64_t g = 0; g < ng; ++g) {
-    const uint8_t* c0 = a.codes + g * a.G * RB;
-    const float* x0 = a.x + g * a.G;
+    const uint8_t* c0 = a.codes + g * G * RB;
+    const float* x0 = a.x + g * G;
     for (int h = 0; h < NV; ++h) {
-      VF acc[MR];
-      for (int m = 0; m < MR; ++m) acc[m] = set1(0.0f);
-      for (int64_t k = 0; k < a.G; ++k) {
-        const VF c = unpack<B>(c0 + k * RB, h);
-        for (int m = 0; m < MR; ++m) acc[m] = fmadd(set1(x0[m * a.ldx + k]), c, acc[m]);
+      VF acc[U][MR];
+      for (int u = 0; u < U; ++u)
+        for (int m = 0; m < MR; ++m) acc[u][m] = set1(0.0f);
+      int64_t k = 0;
+      for (; k < Gu; k += U) {
+        for (int u = 0; u < U; ++u) {
+          const VF c = unpack<B>(c0 + (k + u) * RB, h);
+          for (int m = 0; m < MR; ++m) acc[u][m] = fmadd(set1(x0[m * a.ldx + k + u]), c, acc[u][m]);
+        }
       }
+      for (; k < G; ++k) {
+        const VF c = unpack<B>(c0 + k * RB, h);
+        for (int m = 0; m < MR; ++m) acc[0][m] = fmadd(set1(x0[m * a.ldx + k]), c, acc[0][m]);
+      }
+      for (int u = 1; u < U; ++u)
+        for (int m = 0; m < MR; ++m) acc[0][m] = add(acc[0][m], acc[u][m]);
       const VF sv = load(a.s + g * kNB + h * W);
       const VF zv = load(a.z + g * kNB + h * W);
       for (int m = 0; m < MR; ++m) {
         float* yp = a.y + m * kNB + h * W;
         const VF prev = g == 0 ? set1(0.0f) : load(yp);
-        store(yp, fmadd(sv, sub(acc[m], mul(zv, set1(a.xsum[m * ng + g]))), prev));
+        store(yp, fmadd(sv, sub(acc[0][m], mul(zv, set1(a.xsum[m * ng + g]))), prev));
       }
     }
   }
@@ -106,25 +119,30 @@ void gemv_block(const BlockArgs& a) {
   }
 }
 
-// GEMM: rows m0..m0+R of y (in a.y, [M][16]) += x[rows, kt:kt+kn] @ tile.
+// GEMM: rows m0..m0+R of y (in a.y, [M][16]) += x[rows, kt:kt+kn] @ tile; all NV vectors of the
+// block at once, so each broadcast of x feeds NV FMAs.
 template <int R>
 void gemm_rows(const BlockArgs& a, int64_t m0, int64_t kt, int64_t kn) {
-  for (int h = 0; h < NV; ++h) {
-    VF acc[R];
-    for (int i = 0; i < R; ++i) acc[i] = load(a.y + (m0 + i) * kNB + h * W);
-    const float* xr = a.x + m0 * a.ldx + kt;
-    for (int64_t k = 0; k < kn; ++k) {
-      const VF wv = load(a.tile + k * kNB + h * W);
-      for (int i = 0; i < R; ++i) acc[i] = fmadd(set1(xr[i * a.ldx + k]), wv, acc[i]);
+  VF acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int h = 0; h < NV; ++h) acc[i][h] = load(a.y + (m0 + i) * kNB + h * W);
+  const float* xr = a.x + m0 * a.ldx + kt;
+  for (int64_t k = 0; k < kn; ++k) {
+    VF wv[NV];
+    for (int h = 0; h < NV; ++h) wv[h] = load(a.tile + k * kNB + h * W);
+    for (int i = 0; i < R; ++i) {
+      const VF xv = set1(xr[i * a.ldx + k]);
+      for (int h = 0; h < NV; ++h) acc[i][h] = fmadd(xv, wv[h], acc[i][h]);
     }
-    for (int i = 0; i < R; ++i) store(a.y + (m0 + i) * kNB + h * W, acc[i]);
   }
+  for (int i = 0; i < R; ++i)
+    for (int h = 0; h < NV; ++h) store(a.y + (m0 + i) * kNB + h * W, acc[i][h]);
 }
 
 template <int B>
 void gemm_b(const BlockArgs& a) {
   constexpr int RB = 2 * B;
-  constexpr int MR = 8;
+  constexpr int MR = NV == 1 ? 8 : 6;  // AVX2: 6 rows x 2 vectors = 12 accumulators
   for (int64_t i = 0; i < a.M * kNB; ++i) a.y[i] = 0.0f;
   for (int64_t kt = 0; kt < a.K; kt += kKTile) {
     const int64_t kn = a.K - kt < kKTile ? a.K - kt : kKTile;
