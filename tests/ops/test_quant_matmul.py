@@ -217,3 +217,27 @@ def test_bad_quant_matmul_inputs():
         op(x, qw.packed.to(torch.int32), qw.scales, qw.zeros, 4, 32, None)
     with pytest.raises(NotImplementedError, match="no cuda layout"):
         qw.to("cuda")
+
+
+# --------------------------------------------------------------------------- ttscale.nn
+def test_quant_linear_and_quantize_model():
+    from ttscale.nn import QuantLinear, quantize_model
+
+    lin = torch.nn.Linear(128, 40)
+    ql = QuantLinear.from_linear(lin, bits=4, group_size=32)
+    x = torch.randn(3, 5, 128)
+    _check_matmul(x, ql.qweight, bias=lin.bias.detach())
+    torch.testing.assert_close(ql(x), quant_matmul(x, ql.qweight, bias=lin.bias.detach()))
+    ql2 = QuantLinear.from_linear(torch.nn.Linear(128, 40), bits=4, group_size=32)
+    ql2.load_state_dict(ql.state_dict())
+    assert torch.equal(ql2(x), ql(x))
+    assert ql(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 48, bias=False),
+                                torch.nn.Linear(48, 8))  # 48 % 32 != 0: left as nn.Linear
+    xin = torch.randn(4, 64)
+    y_dense = model(xin)
+    quantize_model(model, bits=8, group_size=32, symmetric=True)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    assert type(model[3]) is torch.nn.Linear
+    torch.testing.assert_close(model(xin), y_dense, atol=2e-2, rtol=2e-2)
