@@ -105,7 +105,16 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
       a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
       a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
       a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
-      if (gemv) kern->gemv_block(a); else kern->gemm_block(a);
+      if (gemv) {
+        for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {  // rows in chunks of kGemvRows (codes stay in L1/L2)
+          BlockArgs c = a;
+          c.x = xp + m0 * K; c.xsum = xsp + m0 * ng; c.y = ybuf.data() + m0 * kNB;
+          c.M = M - m0 < kGemvRows ? M - m0 : kGemvRows;
+          kern->gemv_block(c);
+        }
+      } else {
+        kern->gemm_block(a);
+      }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < nv; ++i) yp[m * N + n0 + i] = ybuf[m * kNB + i];
     }

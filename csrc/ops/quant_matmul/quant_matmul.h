@@ -33,7 +33,8 @@ namespace ttscale {
 namespace quant_matmul {
 
 constexpr int kNB = 16;          // output rows per packed block
-constexpr int kGemvMaxM = 8;     // rows of x handled by the streaming GEMV path
+constexpr int kGemvMaxM = 16;    // M <= this: the streaming GEMV path
+constexpr int kGemvRows = 8;     // rows of x per GEMV kernel call
 constexpr int64_t kKTile = 256;  // features dequantised at once in the GEMM path
 
 // One block of 16 output rows: y[m][0..16) = x[m] . w'[n0 + i] for all m < M.
