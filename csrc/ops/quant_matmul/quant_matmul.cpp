@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "common/checks.h"
@@ -89,34 +91,44 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   const float zsym = (float)(1 << (bits - 1));
   const int64_t rec = 2 * bits;
 
-  at::parallel_for(0, sh.nb, 1, [&](int64_t b0, int64_t b1) {
+  // Dynamic schedule: each thread takes `chunk` blocks at a time from a shared counter, so a thread
+  // slowed down by other load on the machine does not hold up the others (static halves did).
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sh.nb));
+  const int64_t chunk = std::max<int64_t>(1, sh.nb / (nthreads * 16));
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
     std::vector<float> sbuf(ng * kNB), zbuf(ng * kNB), ybuf(M * kNB), tile(gemv ? 0 : kKTile * kNB);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * kNB;
-      const int64_t nv = N - n0 < kNB ? N - n0 : kNB;
-      for (int64_t i = 0; i < kNB; ++i) {
-        const int64_t n = n0 + (i < nv ? i : nv - 1);  // padded rows reuse a valid row (never written)
-        for (int64_t g = 0; g < ng; ++g) {
-          sbuf[g * kNB + i] = sp[n * ng + g];
-          zbuf[g * kNB + i] = zp ? (float)zp[n * ng + g] : zsym;
+    for (;;) {
+      const int64_t b0 = next.fetch_add(chunk);
+      if (b0 >= sh.nb) break;
+      const int64_t b1 = std::min(b0 + chunk, sh.nb);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kNB;
+        const int64_t nv = N - n0 < kNB ? N - n0 : kNB;
+        for (int64_t i = 0; i < kNB; ++i) {
+          const int64_t n = n0 + (i < nv ? i : nv - 1);  // padded rows reuse a valid row (never written)
+          for (int64_t g = 0; g < ng; ++g) {
+            sbuf[g * kNB + i] = sp[n * ng + g];
+            zbuf[g * kNB + i] = zp ? (float)zp[n * ng + g] : zsym;
+          }
         }
-      }
-      BlockArgs a;
-      a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
-      a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
-      a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
-      if (gemv) {
-        for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {  // rows in chunks of kGemvRows (codes stay in L1/L2)
-          BlockArgs c = a;
-          c.x = xp + m0 * K; c.xsum = xsp + m0 * ng; c.y = ybuf.data() + m0 * kNB;
-          c.M = M - m0 < kGemvRows ? M - m0 : kGemvRows;
-          kern->gemv_block(c);
+        BlockArgs a;
+        a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
+        a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
+        a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
+        if (gemv) {
+          for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {  // rows in chunks of kGemvRows (codes stay in L1/L2)
+            BlockArgs c = a;
+            c.x = xp + m0 * K; c.xsum = xsp + m0 * ng; c.y = ybuf.data() + m0 * kNB;
+            c.M = M - m0 < kGemvRows ? M - m0 : kGemvRows;
+            kern->gemv_block(c);
+          }
+        } else {
+          kern->gemm_block(a);
         }
-      } else {
-        kern->gemm_block(a);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < nv; ++i) yp[m * N + n0 + i] = ybuf[m * kNB + i];
       }
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < nv; ++i) yp[m * N + n0 + i] = ybuf[m * kNB + i];
     }
   });
   if (bias) y.add_(bias->to(at::kFloat));
