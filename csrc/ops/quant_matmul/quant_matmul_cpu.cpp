@@ -19,6 +19,16 @@ using quant_matmul::kNB;
 
 constexpr int NV = kNB / W;  // vectors per block of 16 rows
 
+// The B bytes at p as a little-endian integer, assembled from whole loads (a partial memcpy into a
+// zeroed word would stall on store forwarding).
+template <int B>
+inline uint32_t load_bytes(const uint8_t* p) {
+  if constexpr (B == 4) { uint32_t w; std::memcpy(&w, p, 4); return w; }
+  if constexpr (B == 2) { uint16_t w; std::memcpy(&w, p, 2); return w; }
+  if constexpr (B == 3) { uint16_t w; std::memcpy(&w, p, 2); return (uint32_t)w | ((uint32_t)p[2] << 16); }
+  return 0;
+}
+
 // Codes of vector h of one record (rows h*W .. h*W+W-1), converted exactly to fp32.
 template <int B>
 inline VF unpack(const uint8_t* rec, int h) {
@@ -27,9 +37,7 @@ inline VF unpack(const uint8_t* rec, int h) {
   if constexpr (B == 8) {
     return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)rec)))};
   } else {
-    uint32_t lo = 0, hi = 0;
-    std::memcpy(&lo, rec, B);
-    std::memcpy(&hi, rec + B, B);
+    const uint32_t lo = load_bytes<B>(rec), hi = load_bytes<B>(rec + B);
     const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)lo)), _mm256_set1_epi32((int)hi), 1);
     const __m512i sh = _mm512_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B,
                                          0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
@@ -41,16 +49,15 @@ inline VF unpack(const uint8_t* rec, int h) {
   if constexpr (B == 8) {
     return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)))};
   } else {
-    uint32_t w = 0;
-    std::memcpy(&w, p, B);
+    const uint32_t w = load_bytes<B>(p);
     const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
     const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), _mm256_set1_epi32((1 << B) - 1));
     return {_mm256_cvtepi32_ps(q)};
   }
 #else
   const uint8_t* p = rec + h * B;
-  uint64_t w = 0;
-  std::memcpy(&w, p, B);
+  uint64_t w;
+  if constexpr (B == 8) std::memcpy(&w, p, 8); else w = load_bytes<B>(p);
   VF r;
   for (int i = 0; i < W; ++i) r.v[i] = (float)((w >> (B * i)) & ((1u << B) - 1u));
   return r;
