@@ -104,7 +104,7 @@ def test_quant_matmul_matches_reference(cpu_isa, bits, group_size, symmetric):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 33])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 33])
 def test_quant_matmul_dtypes_bias(cpu_isa, dtype, m):
     qw = quantize(_weight(40, 384), bits=4, group_size=128)  # N not a multiple of 16
     x = torch.randn(m, 384).to(dtype)

@@ -21,11 +21,19 @@
 //   into fp32 [K/G][16] (16 scalar conversions per group of 16*G weights).
 //
 // CPU algorithm, parallel over row blocks:
-//   M <= kGemvMaxM (GEMV): each block's codes are read once for all M rows; per group g and row m
+//   M <= kGemvMaxM (GEMV): each block's codes are read from memory once (rows of x in chunks of
+//     kGemvRows re-read them from cache); >= 8 independent FMA chains; per group g and row m
 //     acc = sum_k q[n,k] x[m,k] (codes converted exactly to fp32), then
 //     y[m,n] += s[n,g] * (acc - z[n,g] * xsum[m,g]) with xsum the group sum of x.
+//     Per 8 weights (AVX2, 4-bit): vpbroadcastd + vpsrlvd + vpand + vcvtdq2ps, then one FMA per row.
 //   M > kGemvMaxM (GEMM): a tile of kKTile features of the block is dequantised once into an fp32
-//     buffer [kKTile][16] ((q - z) * s) and reused by every row of x (register tiles of rows).
+//     buffer [kKTile][16] ((q - z) * s) and reused by every row of x (register tiles of 8 rows x 1
+//     vector on AVX-512, 6 rows x 2 vectors on AVX2).
+//   Status: the generic and AVX2 kernels are tested (tests/ops/test_quant_matmul.py, cpu_isa
+//   fixture); the AVX-512 kernel is built but has not yet run on AVX-512 hardware (the fixture
+//   covers it automatically on such a machine).
+//   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
+//   the machine does not hold up the rest.
 #pragma once
 #include <cstdint>
 
