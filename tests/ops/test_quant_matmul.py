@@ -215,6 +215,8 @@ def test_bad_quant_matmul_inputs():
         op(x, qw.packed, qw.scales, qw.zeros[:, :2], 4, 32, None)
     with pytest.raises(RuntimeError, match="packed must be uint8"):
         op(x, qw.packed.to(torch.int32), qw.scales, qw.zeros, 4, 32, None)
+    with pytest.raises(ValueError, match="K > 0"):
+        op(torch.randn(2, 0), qw.packed[:, :0], qw.scales[:, :0], qw.zeros[:, :0], 4, 32, None)
     with pytest.raises(NotImplementedError, match="no cuda layout"):
         qw.to("cuda")
 

@@ -42,6 +42,7 @@ Shape validate(const Tensor& x, const Tensor& packed, const Tensor& scales, cons
   s.K = packed.size(1);
   s.N = scales.size(0);
   s.nb = packed.size(0);
+  TT_CHECK_VALUE(s.K > 0, "packed must have K > 0 input features, got shape ", packed.sizes());
   TT_CHECK(x.size(-1) == s.K, "x last dimension must equal the weight's in_features K = ", s.K, ", got shape ", x.sizes());
   TT_CHECK_VALUE(group_size >= 1 && s.K % group_size == 0, "group_size must divide K = ", s.K, ", got ", group_size);
   s.G = group_size;
