@@ -21,3 +21,4 @@ __all__ = [
     "append_paged_kv",
     "copy_pages",
 ]
+from .quant_matmul import QuantizedWeight, dequantize, quant_matmul, quantize, unpack  # noqa: E402

@@ -1,0 +1,148 @@
+// Low-bit weight-only matmul: schema, validation and the CPU implementation (parallel over blocks
+// of 16 output rows with at::parallel_for over the per-ISA block kernels). Layout and algorithm:
+// quant_matmul.h. CUDA is not implemented yet (a CUDA tensor gets the dispatcher's "no kernel" error).
+#include "ops/quant_matmul/quant_matmul.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_dispatch.h"
+
+TT_DECLARE_CPU_KERNELS(ttscale::quant_matmul::CpuKernels, quant_matmul_kernels)
+
+namespace ttscale {
+namespace quant_matmul {
+namespace {
+
+using at::Tensor;
+
+struct Shape {
+  int64_t M, N, K, G, nb;
+};
+
+Shape validate(const Tensor& x, const Tensor& packed, const Tensor& scales, const c10::optional<Tensor>& zeros,
+               int64_t bits, int64_t group_size, const c10::optional<Tensor>& bias) {
+  TT_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  check_float_dtype(x, "x");
+  TT_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got shape ", x.sizes());
+  TT_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
+  TT_CHECK(packed.dim() == 3 && packed.size(2) == 2 * bits, "packed must be 3-D [ceil(N/16), K, 2*bits] = [*, *, ",
+           2 * bits, "] (layout cpu_n16), got shape ", packed.sizes());
+  TT_CHECK(packed.is_contiguous(), "packed must be contiguous");
+  check_device(packed, "packed", x, "x");
+  check_device(scales, "scales", x, "x");
+  check_float_dtype(scales, "scales");
+  TT_CHECK(scales.dim() == 2, "scales must be 2-D [N, K/group_size], got shape ", scales.sizes());
+  Shape s;
+  s.K = packed.size(1);
+  s.N = scales.size(0);
+  s.nb = packed.size(0);
+  TT_CHECK_VALUE(s.K > 0, "packed must have K > 0 input features, got shape ", packed.sizes());
+  TT_CHECK(x.size(-1) == s.K, "x last dimension must equal the weight's in_features K = ", s.K, ", got shape ", x.sizes());
+  TT_CHECK_VALUE(group_size >= 1 && s.K % group_size == 0, "group_size must divide K = ", s.K, ", got ", group_size);
+  s.G = group_size;
+  TT_CHECK(scales.size(1) == s.K / s.G, "scales must be [N, K/group_size] = [", s.N, ", ", s.K / s.G, "], got shape ",
+           scales.sizes());
+  TT_CHECK(s.nb == (s.N + kNB - 1) / kNB, "packed must have ceil(N/16) = ", (s.N + kNB - 1) / kNB,
+           " row blocks for N = ", s.N, ", got shape ", packed.sizes());
+  if (zeros) {
+    check_device(*zeros, "zeros", x, "x");
+    TT_CHECK(zeros->scalar_type() == at::kByte, "zeros must be uint8, got ", zeros->scalar_type());
+    TT_CHECK(zeros->sizes() == scales.sizes(), "zeros must have the shape of scales ", scales.sizes(), ", got ",
+             zeros->sizes());
+  }
+  if (bias) {
+    check_device(*bias, "bias", x, "x");
+    TT_CHECK(bias->dim() == 1 && bias->size(0) == s.N, "bias must be 1-D [N] = [", s.N, "], got shape ", bias->sizes());
+    TT_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype must equal x dtype (", x.scalar_type(), "), got ",
+             bias->scalar_type());
+  }
+  s.M = x.numel() / s.K;
+  return s;
+}
+
+Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& scales, const c10::optional<Tensor>& zeros,
+                        int64_t bits, int64_t group_size, const c10::optional<Tensor>& bias) {
+  const Shape sh = validate(x, packed, scales, zeros, bits, group_size, bias);
+  const int64_t M = sh.M, N = sh.N, K = sh.K, G = sh.G, ng = K / G;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
+
+  const Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
+  const Tensor sf = scales.to(at::kFloat).contiguous();
+  const Tensor zf = zeros ? zeros->contiguous() : Tensor();
+  const bool gemv = M <= kGemvMaxM;
+  Tensor xsum;
+  if (gemv) xsum = xf.view({M, ng, G}).sum(-1).contiguous();
+  Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+
+  const CpuKernels* kern = TT_CPU_SELECT(quant_matmul_kernels);
+  const float* xp = xf.data_ptr<float>();
+  const float* xsp = gemv ? xsum.data_ptr<float>() : nullptr;
+  const uint8_t* cp = packed.data_ptr<uint8_t>();
+  const float* sp = sf.data_ptr<float>();
+  const uint8_t* zp = zeros ? zf.data_ptr<uint8_t>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float zsym = (float)(1 << (bits - 1));
+  const int64_t rec = 2 * bits;
+
+  // Dynamic schedule: each thread takes `chunk` blocks at a time from a shared counter, so a thread
+  // slowed down by other load on the machine does not hold up the others (static halves did).
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sh.nb));
+  const int64_t chunk = std::max<int64_t>(1, sh.nb / (nthreads * 16));
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    std::vector<float> sbuf(ng * kNB), zbuf(ng * kNB), ybuf(M * kNB), tile(gemv ? 0 : kKTile * kNB);
+    for (;;) {
+      const int64_t b0 = next.fetch_add(chunk);
+      if (b0 >= sh.nb) break;
+      const int64_t b1 = std::min(b0 + chunk, sh.nb);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kNB;
+        const int64_t nv = N - n0 < kNB ? N - n0 : kNB;
+        for (int64_t i = 0; i < kNB; ++i) {
+          const int64_t n = n0 + (i < nv ? i : nv - 1);  // padded rows reuse a valid row (never written)
+          for (int64_t g = 0; g < ng; ++g) {
+            sbuf[g * kNB + i] = sp[n * ng + g];
+            zbuf[g * kNB + i] = zp ? (float)zp[n * ng + g] : zsym;
+          }
+        }
+        BlockArgs a;
+        a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
+        a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
+        a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
+        if (gemv) {
+          for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {  // rows in chunks of kGemvRows (codes stay in L1/L2)
+            BlockArgs c = a;
+            c.x = xp + m0 * K; c.xsum = xsp + m0 * ng; c.y = ybuf.data() + m0 * kNB;
+            c.M = M - m0 < kGemvRows ? M - m0 : kGemvRows;
+            kern->gemv_block(c);
+          }
+        } else {
+          kern->gemm_block(a);
+        }
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < nv; ++i) yp[m * N + n0 + i] = ybuf[m * kNB + i];
+      }
+    }
+  });
+  if (bias) y.add_(bias->to(at::kFloat));
+  return y.to(x.scalar_type()).view(out_shape);
+}
+
+}  // namespace
+}  // namespace quant_matmul
+}  // namespace ttscale
+
+TORCH_LIBRARY_FRAGMENT(ttscale, m) {
+  m.def("quant_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int bits, int group_size, Tensor? bias)"
+        " -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ttscale, CPU, m) { m.impl("quant_matmul", &ttscale::quant_matmul::quant_matmul_cpu); }

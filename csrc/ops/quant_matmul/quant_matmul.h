@@ -1,0 +1,68 @@
+// Low-bit weight-only matmul: shared definitions for the CPU path (torch-free).
+//
+// Logical format (reference semantics, python/ttscale/reference/quant_matmul.py):
+//   W [N, K] (nn.Linear orientation), groups of G consecutive input features (G = K: per channel),
+//   codes q in [0, 2^b - 1], b in {2, 3, 4, 8}; scales s [N, K/G] (fp32/fp16/bf16);
+//   zeros z [N, K/G] uint8 (absent: symmetric, z = 2^(b-1)).
+//   w'[n, k] = (q[n, k] - z[n, k/G]) * s[n, k/G];   y = x @ w'^T, fp32 accumulation.
+//
+// CPU packed layout "cpu_n16" (uint8 tensor [ceil(N/16), K, 2*b]):
+//   Output rows are taken in blocks of kNB = 16 (the last block padded with code 0; padded rows
+//   are never written). For block nb and input feature k, the 16 codes q[16*nb + i, k] occupy one
+//   record of 2*b bytes, little-endian bit order:
+//     rows i = 0..7  : bits [b*i, b*i + b) of bytes [0, b)
+//     rows i = 8..15 : bits [b*(i-8), b*(i-8) + b) of bytes [b, 2b)
+//   so one half-record (b bytes: 4-bit -> one 32-bit word, 3-bit -> 24 bits, 2-bit -> 16 bits,
+//   8-bit -> 8 bytes) unpacks to 8 consecutive output rows with one broadcast, one variable shift
+//   and one mask (AVX2: one 8-lane vector; AVX-512 unpacks both halves into one 16-lane vector).
+//   Records for consecutive k are contiguous, so a block streams its K*2b bytes once, and every
+//   SIMD lane of an accumulator is an output row (no horizontal reductions).
+//   Scales and zeros stay in the logical [N, K/G] layout; per block the host code gathers them
+//   into fp32 [K/G][16] (16 scalar conversions per group of 16*G weights).
+//
+// CPU algorithm, parallel over row blocks:
+//   M <= kGemvMaxM (GEMV): each block's codes are read from memory once (rows of x in chunks of
+//     kGemvRows re-read them from cache); >= 8 independent FMA chains; per group g and row m
+//     acc = sum_k q[n,k] x[m,k] (codes converted exactly to fp32), then
+//     y[m,n] += s[n,g] * (acc - z[n,g] * xsum[m,g]) with xsum the group sum of x.
+//     Per 8 weights (AVX2, 4-bit): vpbroadcastd + vpsrlvd + vpand + vcvtdq2ps, then one FMA per row.
+//   M > kGemvMaxM (GEMM): a tile of kKTile features of the block is dequantised once into an fp32
+//     buffer [kKTile][16] ((q - z) * s) and reused by every row of x (register tiles of 8 rows x 1
+//     vector on AVX-512, 6 rows x 2 vectors on AVX2).
+//   Status: the generic and AVX2 kernels are tested (tests/ops/test_quant_matmul.py, cpu_isa
+//   fixture); the AVX-512 kernel is built but has not yet run on AVX-512 hardware (the fixture
+//   covers it automatically on such a machine).
+//   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
+//   the machine does not hold up the rest.
+#pragma once
+#include <cstdint>
+
+namespace ttscale {
+namespace quant_matmul {
+
+constexpr int kNB = 16;          // output rows per packed block
+constexpr int kGemvMaxM = 16;    // M <= this: the streaming GEMV path
+constexpr int kGemvRows = 8;     // rows of x per GEMV kernel call
+constexpr int64_t kKTile = 256;  // features dequantised at once in the GEMM path
+
+// One block of 16 output rows: y[m][0..16) = x[m] . w'[n0 + i] for all m < M.
+struct BlockArgs {
+  const float* x;        // [M, K] fp32, row stride ldx
+  int64_t ldx;
+  const float* xsum;     // [M, K/G] group sums of x (GEMV path only)
+  const uint8_t* codes;  // [K, 2*bits] this block's records
+  const float* s;        // [K/G, 16] scales
+  const float* z;        // [K/G, 16] zeros (as floats)
+  float* y;              // [M, 16] output (overwritten)
+  float* tile;           // scratch, kKTile * 16 floats (GEMM path)
+  int64_t M, K, G;
+  int bits;
+};
+
+struct CpuKernels {
+  void (*gemv_block)(const BlockArgs& a);
+  void (*gemm_block)(const BlockArgs& a);
+};
+
+}  // namespace quant_matmul
+}  // namespace ttscale

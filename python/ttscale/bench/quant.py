@@ -1,0 +1,106 @@
+"""``python -m ttscale.bench.quant``: low-bit weight-only matmul vs torch (issue 5 goals).
+
+Cases: K in {4096, 14336}, N = 4096, bf16 activations, M in {1, 4, 16, 64}; 4-bit G=128 against
+torch ``_weight_int4pack_mm_for_cpu`` (same codes, tinygemm float zeros ``(8 - z) * s`` in bf16) and
+dense bf16 ``F.linear``; also ours at 2, 3 and 8 bits (``--bits``). Every implementation cycles
+through enough weight copies to exceed the last-level cache (``--copies``), so weight bytes come
+from DRAM. GB/s counts the weight bytes each call must read (codes + scales + zeros).
+Goals (2-core CPU): M=1 >= 1.5x torch int4 and >= 70% of measured read bandwidth; M=16 >= 2x torch
+int4 and faster than dense bf16.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from . import harness
+
+
+def _cycle(items):
+    it = itertools.cycle(items)
+    return lambda: next(it)
+
+
+def _torch_int4(qw, dtype):
+    """Our logical codes/scales/zeros in torch's CPU tinygemm form (W = (q - 8) * s + zf)."""
+    from ttscale.ops import unpack
+
+    n, k = qw.shape
+    g = qw.group
+    codes = unpack(qw).to(torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    s = qw.scales.to(torch.float32)
+    z = qw.zeros.to(torch.float32) if qw.zeros is not None else torch.full_like(s, 8.0)
+    sz = torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)  # [K/G, N, 2]
+    return packed, g, sz
+
+
+def cases(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, ks=(4096, 14336), n: int = 4096,
+          ms=(1, 4, 16, 64), bits_list=(4, 2, 3, 8), group_size: int = 128, copies: int = 4):
+    import ttscale
+    from ttscale.ops import quantize
+
+    if device != "cpu":
+        raise NotImplementedError("ttscale bench quant: only the CPU path exists so far")
+    for k in ks:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(n, k, generator=g) * 0.02
+        dense = [w.to(dtype)] + [w.to(dtype).clone() for _ in range(1)]  # each > LLC
+        for bits in bits_list:
+            qw = quantize(w, bits=bits, group_size=group_size)
+            qws = [qw] + [type(qw)(qw.packed.clone(), qw.scales.clone(),
+                                   None if qw.zeros is None else qw.zeros.clone(),
+                                   qw.bits, qw.group_size, qw.shape, qw.layout) for _ in range(copies - 1)]
+            nbytes = qw.nbytes()
+            t4 = [_torch_int4(q, dtype) for q in qws[:copies]] if bits == 4 else None
+            for m in ms:
+                x = torch.randn(m, k, generator=g).to(dtype)
+                nq = _cycle(qws)
+                impls = {f"ttscale int{bits}": lambda x=x, nq=nq: ttscale.ops.quant_matmul(x, nq())}
+                if t4 is not None:
+                    nt = _cycle(t4)
+
+                    def torch_int4(x=x, nt=nt):
+                        p, gs, sz = nt()
+                        return torch._weight_int4pack_mm_for_cpu(x, p, gs, sz)
+
+                    impls["torch int4pack_mm"] = torch_int4
+                    nd = _cycle(dense)
+                    impls["torch F.linear bf16"] = lambda x=x, nd=nd: F.linear(x, nd())
+                yield harness.Case(f"K={k} N={n} M={m} b{bits} G{group_size}", impls, bytes_read=nbytes,
+                                   flops=2.0 * m * n * k,
+                                   params={"K": k, "N": n, "M": m, "bits": bits, "group_size": group_size,
+                                           "dtype": str(dtype)})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="ttscale bench quant", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--k", type=int, nargs="+", default=[4096, 14336])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 2, 3, 8])
+    ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and a smaller ceiling probe")
+    ap.add_argument("--json", default=None, help="where to write results (default: bench/results/quant-<device>.json)")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    ceil = harness.ceilings(args.device, quick=args.quick)
+    results = []
+    for case in cases(args.device, dtype, ks=args.k, n=args.n, ms=args.m, bits_list=args.bits, copies=args.copies):
+        results += harness.run_case(case, args.device, ceil, warmup=2 if args.quick else 3,
+                                    reps=5 if args.quick else args.reps)
+    harness.print_table(f"ttscale bench quant ({args.device}, {torch.get_num_threads()} threads)", results, ceil)
+    path = args.json or harness.default_json_path("quant", args.device)
+    harness.write_json(path, "quant", args.device, ceil, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

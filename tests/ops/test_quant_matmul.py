@@ -1,0 +1,245 @@
+"""Tests for low-bit weight-only matmul: ttscale.ops.quantize / dequantize / unpack / quant_matmul.
+
+* quantize vs the float64 reference formulas (``ttscale.reference.quant_matmul``): codes, scales
+  and zeros exactly equal; dequantize exactly equal to the reference rounded once to float32.
+* quant_matmul vs ``x @ dequant(W)^T`` in float64 (x upcast exactly), for every bit width, group
+  size and symmetric/asymmetric, odd M (1, 3: GEMV path; 17, 64: GEMM path), on every CPU SIMD path.
+  Bound (elementwise): ``64 * 2^-24 * (|x| @ ((q + z) * s)^T) + u(dtype) * |y|``: fp32 accumulation
+  over K of code*activation products (the GEMV path subtracts ``z * sum(x)`` per group, hence
+  ``q + z``), plus one rounding of the output to x.dtype (u = 2^-24, 2^-11, 2^-8).
+* opcheck, torch.compile(fullgraph=True), and every bad input.
+"""
+import time
+
+import pytest
+import torch
+
+import ttscale
+from ttscale.ops import QuantizedWeight, dequantize, quant_matmul, quantize, unpack
+from ttscale.ops.quant_matmul import pack
+from ttscale.reference.quant_matmul import dequantize_ref, linear_ref, quantize_ref
+
+BITS = [2, 3, 4, 8]
+GROUPS = [32, 64, 128, -1]
+UOUT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def _weight(n, k, scale=0.05):
+    w = torch.randn(n, k) * scale
+    w[:, ::7] *= 3.0  # some outliers so groups differ in range
+    return w
+
+
+def _check_matmul(x, qw, bias=None):
+    y = quant_matmul(x, qw, bias=bias)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], qw.shape[0])
+    q, s = unpack(qw).to(torch.float64), qw.scales.to(torch.float64)
+    g = qw.group
+    z = qw.zeros.to(torch.float64) if qw.zeros is not None else torch.full_like(s, 2.0 ** (qw.bits - 1))
+    w_deq = dequantize_ref(q, s, z, g)
+    ref = linear_ref(x.reshape(-1, x.shape[-1]), w_deq, bias)
+    mag = x.reshape(-1, x.shape[-1]).to(torch.float64).abs() @ ((q + z.repeat_interleave(g, 1)) * s.repeat_interleave(g, 1)).T
+    if bias is not None:
+        mag = mag + bias.to(torch.float64).abs()
+    bound = 64 * 2.0 ** -24 * mag + UOUT[x.dtype] * ref.abs() + 1e-30
+    err = (y.reshape(ref.shape).to(torch.float64) - ref).abs()
+    assert torch.isfinite(y).all()
+    assert (err <= bound).all(), f"max err {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"
+
+
+# --------------------------------------------------------------------------- quantize / dequantize
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantize_matches_reference(bits, group_size, symmetric):
+    w = _weight(37, 256)
+    w[3, :] = 0.0  # an all-zero row: every group zero
+    w[5, :64] = 0.25  # a constant group
+    qw = quantize(w, bits=bits, group_size=group_size, symmetric=symmetric)
+    q, s, z = quantize_ref(w, bits, group_size, symmetric)
+    assert isinstance(qw, QuantizedWeight) and qw.shape == (37, 256) and qw.bits == bits
+    assert qw.group_size == group_size and qw.layout == "cpu_n16"
+    assert torch.equal(unpack(qw).to(torch.int64), q)
+    assert qw.scales.dtype == torch.float32 and torch.equal(qw.scales, s)
+    if symmetric:
+        assert qw.zeros is None
+    else:
+        assert qw.zeros.dtype == torch.uint8 and torch.equal(qw.zeros.to(torch.int64), z)
+    wd = dequantize(qw)
+    assert wd.dtype == torch.float32 and torch.equal(wd, dequantize_ref(q, s, z, group_size).to(torch.float32))
+    # the error of round-to-nearest inside the representable range is at most s/2
+    if bits >= 3 and not symmetric:
+        g = 256 if group_size == -1 else group_size
+        assert ((wd.double() - w.double()).abs() <= s.double().repeat_interleave(g, 1) * 0.5 + 1e-7).all()
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+def test_quantize_scale_dtypes(scale_dtype):
+    w = _weight(48, 128).to(torch.bfloat16)
+    qw = quantize(w, bits=4, group_size=32, scale_dtype=scale_dtype)
+    q, s, z = quantize_ref(w, 4, 32, False, scale_dtype)
+    assert qw.scales.dtype == scale_dtype and torch.equal(qw.scales, s)
+    assert torch.equal(unpack(qw).to(torch.int64), q)
+    x = torch.randn(3, 128)
+    _check_matmul(x, qw)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_unpack_roundtrip(bits):
+    for n in (1, 15, 16, 17, 48):
+        codes = torch.randint(0, 2 ** bits, (n, 64), dtype=torch.uint8)
+        qw = QuantizedWeight(pack(codes, bits), torch.ones(n, 2), None, bits, 32, (n, 64))
+        assert qw.packed.shape == ((n + 15) // 16, 64, 2 * bits)
+        assert torch.equal(unpack(qw), codes)
+
+
+# --------------------------------------------------------------------------- quant_matmul
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quant_matmul_matches_reference(cpu_isa, bits, group_size, symmetric):
+    qw = quantize(_weight(48, 256), bits=bits, group_size=group_size, symmetric=symmetric)
+    for m in (1, 3, 17, 64):
+        _check_matmul(torch.randn(m, 256), qw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 33])
+def test_quant_matmul_dtypes_bias(cpu_isa, dtype, m):
+    qw = quantize(_weight(40, 384), bits=4, group_size=128)  # N not a multiple of 16
+    x = torch.randn(m, 384).to(dtype)
+    bias = torch.randn(40).to(dtype)
+    _check_matmul(x, qw)
+    _check_matmul(x, qw, bias=bias)
+
+
+def test_quant_matmul_shapes(cpu_isa):
+    qw = quantize(_weight(1, 64), bits=3, group_size=32)  # one output row
+    _check_matmul(torch.randn(5, 64), qw)
+    qw = quantize(_weight(97, 128), bits=4, group_size=64)
+    _check_matmul(torch.randn(2, 3, 128), qw)  # leading dims (GEMV path)
+    _check_matmul(torch.randn(3, 7, 128), qw)  # leading dims (GEMM path)
+    x = torch.randn(4, 256)[:, ::2]  # non-contiguous x
+    _check_matmul(x, qw)
+    assert quant_matmul(torch.randn(0, 128), qw).shape == (0, 97)
+
+
+def test_quant_matmul_long_k(cpu_isa):
+    qw = quantize(_weight(64, 4096, 0.02), bits=4, group_size=128)
+    _check_matmul(torch.randn(3, 4096).to(torch.bfloat16), qw)
+    _check_matmul(torch.randn(17, 4096), qw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [1, 17])
+def test_quant_matmul_llama_shape(m):  # ~9 s each on 2 cores (quantize + float64 reference)
+    t0 = time.time()
+    qw = quantize(_weight(11008, 4096, 0.02), bits=4, group_size=128)
+    x = torch.randn(m, 4096).to(torch.bfloat16)
+    _check_matmul(x, qw)
+    assert time.time() - t0 < 60
+
+
+# --------------------------------------------------------------------------- opcheck / compile
+def _op_args(m=3, bias=True, sym=False):
+    qw = quantize(_weight(48, 128), bits=4, group_size=32, symmetric=sym)
+    x = torch.randn(m, 128)
+    return (x, qw.packed, qw.scales, qw.zeros, 4, 32, torch.randn(48) if bias else None)
+
+
+def test_opcheck():
+    torch.library.opcheck(torch.ops.ttscale.quant_matmul.default, _op_args())
+    torch.library.opcheck(torch.ops.ttscale.quant_matmul.default, _op_args(m=20, bias=False, sym=True))
+
+
+def test_torch_compile_fullgraph():
+    qw = quantize(_weight(48, 128), bits=4, group_size=32)
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def f(x):
+        return quant_matmul(x * 2.0, qw) + 1.0
+
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(f(x), quant_matmul(x * 2.0, qw) + 1.0)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_quantize_inputs():
+    w = _weight(16, 128)
+    with pytest.raises(ValueError, match="K = 100 must be a positive multiple of group_size = 32"):
+        quantize(torch.randn(4, 100), group_size=32)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quantize(w, bits=5)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize(w, group_size=16)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        w2 = w.clone()
+        w2[3, 7] = bad
+        with pytest.raises(ValueError, match="w contains NaN or inf"):
+            quantize(w2)
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        quantize(torch.randn(128))
+    with pytest.raises(TypeError, match="w must be a floating-point tensor"):
+        quantize(torch.ones(4, 128, dtype=torch.int32))
+
+
+def test_bad_quant_matmul_inputs():
+    qw = quantize(_weight(48, 128), bits=4, group_size=32)
+    x = torch.randn(2, 128)
+    with pytest.raises(RuntimeError, match="x last dimension must equal the weight's in_features K = 128"):
+        quant_matmul(torch.randn(2, 64), qw)
+    with pytest.raises(RuntimeError, match="x must be one of"):
+        quant_matmul(x.double(), qw)
+    with pytest.raises(RuntimeError, match="x must be one of"):
+        quant_matmul(x.to(torch.int32), qw)
+    with pytest.raises(RuntimeError, match=r"bias must be 1-D \[N\] = \[48\]"):
+        quant_matmul(x, qw, bias=torch.randn(47))
+    with pytest.raises(RuntimeError, match="bias dtype must equal x dtype"):
+        quant_matmul(x, qw, bias=torch.randn(48, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="qw must be a QuantizedWeight"):
+        quant_matmul(x, qw.packed)
+    op = torch.ops.ttscale.quant_matmul
+    with pytest.raises(ValueError, match="bits must be 2, 3, 4 or 8"):
+        op(x, qw.packed, qw.scales, qw.zeros, 5, 32, None)
+    with pytest.raises(RuntimeError, match="packed must be 3-D"):
+        op(x, qw.packed, qw.scales, qw.zeros, 3, 32, None)
+    with pytest.raises(ValueError, match="group_size must divide K = 128"):
+        op(x, qw.packed, qw.scales, qw.zeros, 4, 48, None)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        op(x, qw.packed, qw.scales[:, :2], qw.zeros, 4, 32, None)
+    with pytest.raises(RuntimeError, match="packed must have ceil"):
+        op(x, qw.packed, qw.scales[:16], qw.zeros[:16], 4, 32, None)
+    with pytest.raises(RuntimeError, match="zeros must be uint8"):
+        op(x, qw.packed, qw.scales, qw.zeros.to(torch.int32), 4, 32, None)
+    with pytest.raises(RuntimeError, match="zeros must have the shape of scales"):
+        op(x, qw.packed, qw.scales, qw.zeros[:, :2], 4, 32, None)
+    with pytest.raises(RuntimeError, match="packed must be uint8"):
+        op(x, qw.packed.to(torch.int32), qw.scales, qw.zeros, 4, 32, None)
+    with pytest.raises(ValueError, match="K > 0"):
+        op(torch.randn(2, 0), qw.packed[:, :0], qw.scales[:, :0], qw.zeros[:, :0], 4, 32, None)
+    with pytest.raises(NotImplementedError, match="no cuda layout"):
+        qw.to("cuda")
+
+
+# --------------------------------------------------------------------------- ttscale.nn
+def test_quant_linear_and_quantize_model():
+    from ttscale.nn import QuantLinear, quantize_model
+
+    lin = torch.nn.Linear(128, 40)
+    ql = QuantLinear.from_linear(lin, bits=4, group_size=32)
+    x = torch.randn(3, 5, 128)
+    _check_matmul(x, ql.qweight, bias=lin.bias.detach())
+    torch.testing.assert_close(ql(x), quant_matmul(x, ql.qweight, bias=lin.bias.detach()))
+    ql2 = QuantLinear.from_linear(torch.nn.Linear(128, 40), bits=4, group_size=32)
+    ql2.load_state_dict(ql.state_dict())
+    assert torch.equal(ql2(x), ql(x))
+    assert ql(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 48, bias=False),
+                                torch.nn.Linear(48, 8))  # 48 % 32 != 0: left as nn.Linear
+    xin = torch.randn(4, 64)
+    y_dense = model(xin)
+    quantize_model(model, bits=8, group_size=32, symmetric=True)
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
+    assert type(model[3]) is torch.nn.Linear
+    torch.testing.assert_close(model(xin), y_dense, atol=2e-2, rtol=2e-2)
