@@ -17,7 +17,8 @@ except ImportError as e:  # pragma: no cover - only when the package was not bui
 
 from . import ops  # noqa: E402
 from . import attention  # noqa: E402  (SharedPrefixDecode, built on ops)
+from . import nn  # noqa: E402  (QuantLinear, quantize_model)
 from ._info import build_info  # noqa: E402
 
 __version__ = build_info()["version"]
-__all__ = ["ops", "attention", "build_info", "__version__"]
+__all__ = ["ops", "attention", "nn", "build_info", "__version__"]

@@ -10,4 +10,5 @@ SUITES = {
     "attention": "ttscale.bench.attention",
     "attention_prefill": "ttscale.bench.attention_prefill",
     "attention_decode": "ttscale.bench.attention_decode",
+    "quant": "ttscale.bench.quant",
 }

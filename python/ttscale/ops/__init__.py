@@ -7,6 +7,7 @@ from .paged_attention import (
     merge_attention_states_,
     paged_attention,
 )
+from .quant_matmul import QuantizedWeight, dequantize, quant_matmul, quantize, unpack
 from .sampling import sample, sample_from_probs, speculative_verify, token_logprobs
 
 __all__ = [
@@ -20,5 +21,9 @@ __all__ = [
     "merge_attention_states_",
     "append_paged_kv",
     "copy_pages",
+    "QuantizedWeight",
+    "quantize",
+    "dequantize",
+    "unpack",
+    "quant_matmul",
 ]
-from .quant_matmul import QuantizedWeight, dequantize, quant_matmul, quantize, unpack  # noqa: E402
