@@ -136,6 +136,28 @@ TT_DEVICE void load_tile(const PagedParams& p, const int32_t* pages, int64_t h, 
   }
 }
 
+// Where a CTA's sequence b sits and which keys its split may read: the query token t has key
+// position t - qo0 + kv_len - n_q_seq (bottom-right aligned), and split z reads keys
+// [z * keys_per_split, (z + 1) * keys_per_split).
+struct CtaKeys {
+  int64_t kv_len, qo0, n_q_seq, s_lo, s_hi;
+  // visible keys of query token t, clamped to the split: [*kb, *ke) (empty when *kb >= *ke)
+  TT_DEVICE void row_range(const PagedParams& p, int64_t t, int64_t* kb, int64_t* ke) const {
+    attn::visible_range(t - qo0 + kv_len - n_q_seq, kv_len, p.causal, p.window_left, kb, ke);
+    *kb = *kb > s_lo ? *kb : s_lo;
+    *ke = *ke < s_hi ? *ke : s_hi;
+  }
+};
+TT_DEVICE CtaKeys cta_keys(const PagedParams& p, const PagedCudaWork& w, int64_t b, int split) {
+  CtaKeys k;
+  k.kv_len = kv_len_of(p.kv_indptr, p.kv_last_page_len, b, p.page_size);
+  k.qo0 = p.qo_indptr ? p.qo_indptr[b] : b;
+  k.n_q_seq = p.qo_indptr ? p.qo_indptr[b + 1] - k.qo0 : 1;
+  k.s_lo = (int64_t)split * w.keys_per_split;
+  k.s_hi = k.s_lo + w.keys_per_split;
+  return k;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, PagedCudaWork w) {
   using S = Smem<T, D>;
@@ -153,19 +175,13 @@ __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, Pag
   const int rows = nq * ng;
   const int lane = cuda::lane_id(), warp = cuda::warp_id();
   const int64_t b = tile.b;
-  const int64_t kv_len = kv_len_of(p.kv_indptr, p.kv_last_page_len, b, p.page_size);
-  const int64_t qo0 = p.qo_indptr ? p.qo_indptr[b] : b;
-  const int64_t n_q_seq = p.qo_indptr ? p.qo_indptr[b + 1] - qo0 : 1;
-  const int64_t s_lo = (int64_t)split * w.keys_per_split;
-  const int64_t s_hi = s_lo + w.keys_per_split;
+  const CtaKeys keys = cta_keys(p, w, b, split);
 
   // key range of the CTA: the union of its rows' visible ranges, within the split
-  int64_t lo = kv_len, hi = 0;
+  int64_t lo = keys.kv_len, hi = 0;
   for (int qi = 0; qi < nq; ++qi) {
     int64_t kb, ke;
-    attn::visible_range(tile.q0 + qi - qo0 + kv_len - n_q_seq, kv_len, p.causal, p.window_left, &kb, &ke);
-    kb = kb > s_lo ? kb : s_lo;
-    ke = ke < s_hi ? ke : s_hi;
+    keys.row_range(p, tile.q0 + qi, &kb, &ke);
     if (kb < ke) { lo = kb < lo ? kb : lo; hi = ke > hi ? ke : hi; }
   }
 
@@ -191,9 +207,7 @@ __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, Pag
     rkb[i] = 0;
     rke[i] = 0;
     if (r < rows) {
-      attn::visible_range(tile.q0 + r / ng - qo0 + kv_len - n_q_seq, kv_len, p.causal, p.window_left, &rkb[i], &rke[i]);
-      rkb[i] = rkb[i] > s_lo ? rkb[i] : s_lo;
-      rke[i] = rke[i] < s_hi ? rke[i] : s_hi;
+      keys.row_range(p, tile.q0 + r / ng, &rkb[i], &rke[i]);
     }
   }
   const int my_rows = rows - warp * kCudaRowsPerWarp;  // may be <= 0
@@ -377,17 +391,11 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
   const int rows = nq * ng;
   const int lane = cuda::lane_id(), warp = cuda::warp_id();
   const int64_t b = tile.b;
-  const int64_t kv_len = kv_len_of(p.kv_indptr, p.kv_last_page_len, b, p.page_size);
-  const int64_t qo0 = p.qo_indptr ? p.qo_indptr[b] : b;
-  const int64_t n_q_seq = p.qo_indptr ? p.qo_indptr[b + 1] - qo0 : 1;
-  const int64_t s_lo = (int64_t)split * w.keys_per_split;
-  const int64_t s_hi = s_lo + w.keys_per_split;
-  int64_t lo = kv_len, hi = 0;
+  const CtaKeys keys = cta_keys(p, w, b, split);
+  int64_t lo = keys.kv_len, hi = 0;
   for (int qi = 0; qi < nq; ++qi) {
     int64_t kb, ke;
-    attn::visible_range(tile.q0 + qi - qo0 + kv_len - n_q_seq, kv_len, p.causal, p.window_left, &kb, &ke);
-    kb = kb > s_lo ? kb : s_lo;
-    ke = ke < s_hi ? ke : s_hi;
+    keys.row_range(p, tile.q0 + qi, &kb, &ke);
     if (kb < ke) { lo = kb < lo ? kb : lo; hi = ke > hi ? ke : hi; }
   }
   // queries (unscaled, in T) to shared memory; rows past `rows` are zero
@@ -427,9 +435,7 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
     rkb[i] = 0;
     rke[i] = 0;
     if (r < rows) {
-      attn::visible_range(tile.q0 + r / ng - qo0 + kv_len - n_q_seq, kv_len, p.causal, p.window_left, &rkb[i], &rke[i]);
-      rkb[i] = rkb[i] > s_lo ? rkb[i] : s_lo;
-      rke[i] = rke[i] < s_hi ? rke[i] : s_hi;
+      keys.row_range(p, tile.q0 + r / ng, &rkb[i], &rke[i]);
     }
   }
   float o[NB][4];
