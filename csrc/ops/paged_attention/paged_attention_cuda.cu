@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "common/attention_math.h"
+#include "common/cuda_mma.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
 #include "common/dtype.h"
@@ -43,25 +44,13 @@ TT_DEVICE float warp_sum(float v) {
   return v;
 }
 
-TT_DEVICE void cp_async16(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-#else
-  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
-#endif
-}
-TT_DEVICE void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-TT_DEVICE void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
+using cuda::cp_async16;
+using cuda::cp_async_commit;
+using cuda::cp_async_wait;
+using cuda::ldmatrix_x2;
+using cuda::ldmatrix_x2_trans;
+using cuda::ldmatrix_x4;
+using cuda::mma_m16n8k16;
 
 TT_DEVICE float ld(const float* p) { return *p; }
 TT_DEVICE float ld(const half_t* p) { return half_bits_to_float(p->bits); }
@@ -335,37 +324,6 @@ TT_DEVICE uint32_t pack2<bf16_t>(float lo, float hi) {
   return r;
 }
 
-template <typename T>
-TT_DEVICE void mma16816(float* c, const uint32_t* a, const uint32_t* b);
-template <>
-TT_DEVICE void mma16816<half_t>(float* c, const uint32_t* a, const uint32_t* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-TT_DEVICE void mma16816<bf16_t>(float* c, const uint32_t* a, const uint32_t* b) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-TT_DEVICE void ldmatrix_x4(uint32_t* r, const void* p) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-TT_DEVICE void ldmatrix_x2(uint32_t* r, const void* p) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
-}
-TT_DEVICE void ldmatrix_x2_trans(uint32_t* r, const void* p) {
-  const unsigned s = (unsigned)__cvta_generic_to_shared(p);
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(s));
-}
-
 template <typename T, int D>
 struct MmaSmem {
   static constexpr int kRow = D + 8;  // 16-byte pad: conflict-free ldmatrix
@@ -467,7 +425,7 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
         for (int kk = 0; kk < KS; ++kk) {
           uint32_t bf[2];
           ldmatrix_x2(bf, ks + (nb * 8 + (lane & 7)) * kRow + kk * 16 + ((lane >> 3) & 1) * 8);
-          mma16816<T>(sc[nb], qf[kk], bf);
+          mma_m16n8k16<T>(sc[nb], qf[kk], bf);
         }
       }
       // scale, softcap, mask; online softmax per row (values of a row are in one lane quad)
@@ -525,7 +483,7 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
         for (int nb = 0; nb < NB; ++nb) {
           uint32_t bf[2];
           ldmatrix_x2_trans(bf, vs + (kk * 16 + (lane & 15)) * kRow + nb * 8);
-          mma16816<T>(o[nb], pa, bf);
+          mma_m16n8k16<T>(o[nb], pa, bf);
         }
       }
     }
