@@ -136,6 +136,17 @@ struct CtaKeys {
     *kb = *kb > s_lo ? *kb : s_lo;
     *ke = *ke < s_hi ? *ke : s_hi;
   }
+  // keys the whole tile reads: the union of its query tokens' row ranges ([lo, hi), empty if lo >= hi)
+  TT_DEVICE void tile_range(const PagedParams& p, const CudaTile& tile, int64_t* lo, int64_t* hi) const {
+    *lo = kv_len;
+    *hi = 0;
+    const int nq = tile.q1 - tile.q0;
+    for (int qi = 0; qi < nq; ++qi) {
+      int64_t kb, ke;
+      row_range(p, tile.q0 + qi, &kb, &ke);
+      if (kb < ke) { *lo = kb < *lo ? kb : *lo; *hi = ke > *hi ? ke : *hi; }
+    }
+  }
 };
 TT_DEVICE CtaKeys cta_keys(const PagedParams& p, const PagedCudaWork& w, int64_t b, int split) {
   CtaKeys k;
@@ -167,12 +178,8 @@ __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, Pag
   const CtaKeys keys = cta_keys(p, w, b, split);
 
   // key range of the CTA: the union of its rows' visible ranges, within the split
-  int64_t lo = keys.kv_len, hi = 0;
-  for (int qi = 0; qi < nq; ++qi) {
-    int64_t kb, ke;
-    keys.row_range(p, tile.q0 + qi, &kb, &ke);
-    if (kb < ke) { lo = kb < lo ? kb : lo; hi = ke > hi ? ke : hi; }
-  }
+  int64_t lo, hi;
+  keys.tile_range(p, tile, &lo, &hi);
 
   // scaled queries to shared memory
   const T* qg = static_cast<const T*>(p.q);
@@ -350,12 +357,8 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
   const int lane = cuda::lane_id(), warp = cuda::warp_id();
   const int64_t b = tile.b;
   const CtaKeys keys = cta_keys(p, w, b, split);
-  int64_t lo = keys.kv_len, hi = 0;
-  for (int qi = 0; qi < nq; ++qi) {
-    int64_t kb, ke;
-    keys.row_range(p, tile.q0 + qi, &kb, &ke);
-    if (kb < ke) { lo = kb < lo ? kb : lo; hi = ke > hi ? ke : hi; }
-  }
+  int64_t lo, hi;
+  keys.tile_range(p, tile, &lo, &hi);
   // queries (unscaled, in T) to shared memory; rows past `rows` are zero
   const T* qg = static_cast<const T*>(p.q);
   for (int i = threadIdx.x; i < kCudaMmaRows * D; i += kThreads) {
