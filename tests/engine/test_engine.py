@@ -48,6 +48,26 @@ def test_tree_shared_prefix_matches_reference_and_unshared():
     assert u3 == u2 == u1 == b1 and b3 < b2 < b1  # deeper sharing reads less
 
 
+def test_mixed_batch_partial_sharing():
+    """One batch mixing a shared subtree, singletons and an unrelated prompt: levels with empty groups."""
+    model = make_model(layers=2, heads=4, kv_heads=2)
+    eng = Engine(model, num_pages=128, page_size=3, eos_token_ids=())
+    ref = Engine(model, num_pages=128, page_size=3, eos_token_ids=(), max_share_levels=1)
+    batches = []
+    for e in (eng, ref):
+        root = e.prefill([1] + [3 + i % 20 for i in range(16)])
+        other = e.prefill([1, 9, 8, 7, 6, 5, 4])
+        k0, k1, k2 = e.fork(root, 3)
+        e.extend([k0, k1, k2], max_new_tokens=7, seed=4)
+        batch = e.fork(k0, 3) + e.fork(k1, 1) + [k2, other] + e.fork(other, 2)
+        res = e.extend(batch, max_new_tokens=8, seed=5)
+        batches.append((e, batch, [r.token_ids for r in res]))
+    (e1, b1, t1), (e2, b2, t2) = batches
+    assert t1 == t2
+    check_nodes(e1, b1)
+    assert e1.counters.kv_bytes_read < e2.counters.kv_bytes_read == e2.counters.kv_bytes_read_unshared
+
+
 def test_best_of_n_counters():
     model = make_model(layers=2)
     eng = Engine(model, num_pages=256, page_size=16, eos_token_ids=())

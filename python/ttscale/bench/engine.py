@@ -63,10 +63,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=448)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--quick", action="store_true", help="one repetition, smaller ceiling probe")
     ap.add_argument("--json", default=None, help="where to write results (default: bench/results/engine-<device>.json)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from ttscale.engine import Engine, SamplingParams, load_checkpoint
 

@@ -176,6 +176,7 @@ class Engine:
         self.counters = EngineCounters()
         self._ids = itertools.count()
         self._spd = SharedPrefixDecode()
+        self._plan_cache: Optional[_SharePlan] = None
 
     # ------------------------------------------------------------------ helpers
     def _check_node(self, node, name: str = "node") -> Node:
@@ -405,43 +406,54 @@ class Engine:
                 raise RuntimeError(f"ttscale.engine: node {n.id} has neither logits nor pending tokens")
         counts = [len(n._tokens) - n._n_cached for n in nodes_run]
         decode = all(c == 1 for c in counts) and all(n._n_cached > 0 for n in nodes_run)
-        if decode and self.max_share_levels > 1 and len(nodes_run) > 1:
-            # DFS order of the page-sharing tree: sort by page list
-            nodes_run.sort(key=lambda n: pool.pages(n._seq))
-            counts = [1] * len(nodes_run)
         seqs = [n._seq for n in nodes_run]
         # reserve up to the node's token count (a forward that failed after reserving is re-run in place)
         pool.reserve(seqs, [len(n._tokens) - pool.length(n._seq) for n in nodes_run])
         self.counters.peak_pages = max(self.counters.peak_pages, pool.num_used)
-
+        bpt = pool.bytes_per_token
+        spd = None
+        if decode and self.max_share_levels > 1 and len(nodes_run) > 1:
+            plan = self._share_plan(seqs)
+            nodes_run = [nodes_run[i] for i in plan.perm]
+            seqs = [seqs[i] for i in plan.perm]
+            lens = [pool.length(s) for s in seqs]
+            kv_indptr, kv_indices = plan.kv_indptr, plan.kv_indices
+            unshared_tokens = sum(lens)
+            shared_tokens = unshared_tokens
+            if plan.levels is not None:
+                # only the private level's last-page lengths change while the page lists do not
+                sfx_last = []
+                shared_tokens = plan.group_tokens
+                for ln, st in zip(lens, plan.suffix_start):
+                    r = ln - st * ps
+                    sfx_last.append((r - 1) % ps + 1 if r > 0 else 0)
+                    shared_tokens += r
+                lv = plan.levels[-1]
+                levels = plan.levels[:-1] + [Level(lv.qo_indptr, lv.kv_indptr, lv.kv_indices,
+                                                   torch.tensor(sfx_last, dtype=torch.int32, device=dev))]
+                spd = self._spd.plan(levels, device=dev)
+        else:
+            page_lists = [pool.pages(s) for s in seqs]
+            lens = [pool.length(s) for s in seqs]
+            indptr = [0]
+            for pl in page_lists:
+                indptr.append(indptr[-1] + len(pl))
+            kv_indptr = torch.tensor(indptr, dtype=torch.int32, device=dev)
+            kv_indices = torch.tensor(list(itertools.chain.from_iterable(page_lists)), dtype=torch.int32, device=dev)
+            unshared_tokens = shared_tokens = sum(lens)
+        counts = [len(n._tokens) - n._n_cached for n in nodes_run]
         ids: List[int] = []
         pos: List[int] = []
         for n in nodes_run:
             ids.extend(n._tokens[n._n_cached:])
             pos.extend(range(n._n_cached, len(n._tokens)))
-        page_lists = [pool.pages(s) for s in seqs]
-        lens = [pool.length(s) for s in seqs]
-        indptr = [0]
-        for pl in page_lists:
-            indptr.append(indptr[-1] + len(pl))
-        kv_indptr = torch.tensor(indptr, dtype=torch.int32, device=dev)
-        kv_indices = torch.tensor(list(itertools.chain.from_iterable(page_lists)), dtype=torch.int32, device=dev)
         kv_last = torch.tensor([(x - 1) % ps + 1 for x in lens], dtype=torch.int32, device=dev)
         qo = [0]
         for c in counts:
             qo.append(qo[-1] + c)
         qo_indptr = torch.tensor(qo, dtype=torch.int32, device=dev)
-        L = self.config.num_hidden_layers
-        bpt = pool.bytes_per_token
-        unshared_tokens = sum(lens)
 
         fresh = all(n._n_cached == 0 for n in nodes_run)
-        spd = None
-        shared_tokens = unshared_tokens
-        if decode and self.max_share_levels > 1 and len(nodes_run) > 1:
-            levels, shared_tokens = self._plan_levels(page_lists, lens)
-            if levels is not None:
-                spd = self._spd.plan(levels, device=dev)
         if fresh:
             # attention over the new tokens only: every node's KV is exactly its new tokens
             kv_read = sum(c * (c + 1) // 2 for c in counts)  # causal: query j reads j + 1 keys
@@ -472,7 +484,32 @@ class Engine:
             n._n_cached = len(n._tokens)
             n._logits = (logits, r)
 
-    def _plan_levels(self, page_lists: List[List[int]], lens: List[int]):
+    def _share_plan(self, seqs: List[int]) -> "_SharePlan":
+        """The decode batch's sharing plan, cached while its page lists are unchanged.
+
+        A live sequence's pages only change at the end (appended pages, a copy-on-write of the last
+        one), so ``(seq, number of pages, last page)`` per node identifies the page table: the plan
+        (DFS order, full page table, shared levels) is rebuilt only when a node starts a new page or
+        the batch changes, not at each step."""
+        pool = self.pool
+        key = tuple((s, len(pool.pages(s)), pool.pages(s)[-1]) for s in seqs)
+        plan = self._plan_cache
+        if plan is not None and plan.key == key:
+            return plan
+        # DFS order of the page-sharing tree: sort by page list
+        perm = sorted(range(len(seqs)), key=lambda i: pool.pages(seqs[i]))
+        page_lists = [pool.pages(seqs[i]) for i in perm]
+        dev = self.device
+        indptr = [0]
+        for pl in page_lists:
+            indptr.append(indptr[-1] + len(pl))
+        plan = _SharePlan(key, perm, torch.tensor(indptr, dtype=torch.int32, device=dev),
+                          torch.tensor(list(itertools.chain.from_iterable(page_lists)), dtype=torch.int32, device=dev))
+        plan.levels, plan.group_tokens, plan.suffix_start = self._plan_levels(page_lists)
+        self._plan_cache = plan
+        return plan
+
+    def _plan_levels(self, page_lists: List[List[int]]):
         """Shared-prefix levels for nodes already sorted by page list (a DFS order of the sharing tree).
 
         A range of nodes whose page lists share ``l`` leading pages beyond the depth ``d`` already
@@ -481,12 +518,13 @@ class Engine:
         node, or the deepest allowed level, end in the node's private suffix (the last level). Shared
         pages are full: after ``reserve`` each node's last page is its own (a shared partial page was
         copied), so a page two nodes share is never the last page of either. Returns
-        ``(levels or None when nothing is shared, tokens read)``."""
+        ``(levels or None when nothing is shared, tokens of the shared levels, each node's first
+        private page)``; the private level's ``kv_last_page_len`` is filled in per step."""
         n = len(page_lists)
         ps = self.pool.page_size
         lcp = [_lcp(page_lists[i], page_lists[i + 1]) for i in range(n - 1)]
         if not any(lcp):
-            return None, sum(lens)
+            return None, 0, [0] * n
         max_shared = self.max_share_levels - 1
         groups: List[List[Tuple[int, int, List[int]]]] = [[] for _ in range(max_shared)]
         suffix_start = [0] * n
@@ -536,15 +574,22 @@ class Engine:
                                 torch.tensor(kvp, dtype=torch.int32, device=dev),
                                 torch.tensor(idx, dtype=torch.int32, device=dev),
                                 torch.tensor(last, dtype=torch.int32, device=dev)))
-        kvp, idx, last = [0], [], []
+        kvp, idx = [0], []
         for i in range(n):
             sfx = page_lists[i][suffix_start[i]:]
             idx.extend(sfx)
             kvp.append(kvp[-1] + len(sfx))
-            ln = lens[i] - suffix_start[i] * ps
-            last.append((ln - 1) % ps + 1 if ln > 0 else 0)
-            tokens += max(ln, 0)
         levels.append(Level.per_branch(torch.tensor(kvp, dtype=torch.int32, device=dev),
                                        torch.tensor(idx, dtype=torch.int32, device=dev),
-                                       torch.tensor(last, dtype=torch.int32, device=dev)))
-        return levels, tokens
+                                       torch.zeros(n, dtype=torch.int32, device=dev)))
+        return levels, tokens, suffix_start
+
+
+class _SharePlan:
+    __slots__ = ("key", "perm", "kv_indptr", "kv_indices", "levels", "group_tokens", "suffix_start")
+
+    def __init__(self, key, perm, kv_indptr, kv_indices):
+        self.key, self.perm, self.kv_indptr, self.kv_indices = key, perm, kv_indptr, kv_indices
+        self.levels = None
+        self.group_tokens = 0
+        self.suffix_start = None
