@@ -73,11 +73,13 @@ def test_best_of_n_counters():
     eng = Engine(model, num_pages=256, page_size=16, eos_token_ids=())
     root = eng.prefill([3 + i % 25 for i in range(64)])  # 4 full pages
     kids = eng.fork(root, 16)
+    c = eng.counters
+    bpt = eng.pool.bytes_per_token
+    assert bpt == 2 * 2 * 1 * 64 * 4  # K+V, layers, kv heads, head dim, fp32
+    assert (c.prefill_tokens, c.forks, c.kv_bytes_read, c.peak_pages) == (64, 16, 64 * bpt, 4)
     eng.counters.reset()
     res = eng.extend(kids, max_new_tokens=8, seed=0)
-    c = eng.counters
     assert c.decoded_tokens == 16 * 8 and c.forks == 0 and c.forward_steps == 7  # step 0 uses the prefill logits
-    bpt = eng.pool.bytes_per_token
     # forward s (1..7) runs each branch's token s: it reads 64 + s keys unshared, or the 64 shared
     # prompt keys once plus its own s
     assert c.kv_bytes_read_unshared == sum(16 * (64 + s) for s in range(1, 8)) * bpt

@@ -11,7 +11,7 @@ every implementation does the same work), temperature 1, no filters.
 
 Weights: the built-in policy (``ttscale/data/builtin/policy``) when it exists, else a random Llama of
 similar size (4 layers, hidden 256, 4 heads x 64, 2 KV heads); the output says which. The prompt is
-``--prompt-len`` random in-vocabulary tokens (default 448 or what fits with the new tokens in
+``--prompt-len`` random in-vocabulary tokens (default 512 or what fits with the new tokens in
 ``max_position_embeddings``). Reported: median seconds per best-of-N run, decoded tokens/s and the
 speed-up of ours, and the engine's KV bytes read with sharing vs what per-branch decode reads.
 Goals: >= 5x transformers' tokens/s, sharing reads <= 1/8 of the bytes. The bytes ratio depends on
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=64, help="samples (branches)")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=448)
+    ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -96,9 +96,12 @@ def main(argv=None) -> int:
             eng.counters.reset()
             root = eng.prefill(prompt)
             kids = eng.fork(root, n)
+            c = eng.counters
+            b0, u0 = c.kv_bytes_read, c.kv_bytes_read_unshared  # the prompt's prefill, the same either way
             res = eng.extend(kids, max_new_tokens=new, sampling=sp)
             assert all(len(r.token_ids) == new for r in res)
-            kv[name] = (eng.counters.kv_bytes_read, eng.counters.kv_bytes_read_unshared, eng.counters.peak_pages)
+            kv[name] = (c.kv_bytes_read, c.kv_bytes_read_unshared, c.peak_pages, c.kv_bytes_read - b0,
+                        c.kv_bytes_read_unshared - u0)
             eng.release(kids + [root])
         return fn
 
@@ -132,16 +135,17 @@ def main(argv=None) -> int:
         r.params = dict(r.params, decoded_tokens_per_s=toks / (r.median_us * 1e-6))
         if r.impl in kv:
             r.params.update(kv_bytes_read=kv[r.impl][0], kv_bytes_read_unshared=kv[r.impl][1],
-                            peak_pages=kv[r.impl][2])
+                            peak_pages=kv[r.impl][2], decode_kv_bytes_read=kv[r.impl][3],
+                            decode_kv_bytes_read_unshared=kv[r.impl][4])
     harness.print_table(f"ttscale bench engine ({args.device}, {torch.get_num_threads()} threads; {what})",
                         results, ceil)
     print()
     for r in results:
         line = f"{r.impl:<28} {r.params['decoded_tokens_per_s']:>10.0f} decoded tokens/s"
         if r.impl in kv:
-            b, u, pk = kv[r.impl]
-            line += f"   KV read {b / 1e6:.1f} MB (per-branch would be {u / 1e6:.1f} MB: ratio 1/{u / max(b, 1):.1f})"
-            line += f"   peak pages {pk}"
+            b, u, pk, bd, ud = kv[r.impl]
+            line += (f"   KV read {b / 1e6:.1f} MB, per-branch decode would read {u / 1e6:.1f} MB (1/{u / max(b, 1):.1f});"
+                     f" decode phase only 1/{ud / max(bd, 1):.1f}; peak pages {pk}")
         print(line)
     path = args.json or harness.default_json_path("engine", args.device)
     harness.write_json(path, "engine", args.device, ceil, results)
