@@ -241,3 +241,58 @@ def test_prompt_and_ids_errors(tmp_path):
     assert r.stop_reason == "length" and len(r.token_ids) == 2 and node.num_tokens == 40
     with pytest.raises(ValueError, match="string needs a tokenizer"):
         eng.prefill("abc")
+
+
+def test_pre_v5_config_keys(tmp_path):
+    """Older configs keep ``rope_theta`` and ``rope_scaling`` at top level (and may omit
+    ``architectures``): the same weights load to the same logits."""
+    hf = make_hf(tmp_path, "llama", rope={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    rp = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rp.pop("rope_theta")
+    cfg["rope_scaling"] = {"type": rp["rope_type"], "factor": rp["factor"]}
+    cfg.pop("architectures")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    m = load_checkpoint(tmp_path)
+    assert m.config.rope_theta == 5000.0 and m.config.rope_type == "linear"
+    s = rand_ids(40, seed=8)
+    torch.testing.assert_close(m.forward_tokens([s])[0], hf_logits(hf, s), atol=ATOL, rtol=RTOL)
+
+
+def test_char_tokenizer_checkpoint(tmp_path):
+    """A checkpoint with ttscale_tokenizer.json (the built-in models' form): string prompts get BOS."""
+    from ttscale.engine import CharTokenizer
+
+    tok = CharTokenizer.from_alphabet("0123456789+=\n")
+    make_hf(tmp_path, "llama", vocab=tok.vocab_size)
+    tok.save(str(tmp_path))
+    m = load_checkpoint(tmp_path)
+    assert isinstance(m.tokenizer, CharTokenizer)
+    eng = Engine(m, num_pages=16)
+    n = eng.prefill("12+7=")
+    assert eng.tokens(n) == [tok.bos_token_id] + tok.encode("12+7=") and eng.text(n) == "12+7="
+    assert eng.eos_token_ids == {tok.eos_token_id}
+
+
+def test_hf_tokenizer_json(tmp_path):
+    """tokenizer.json through `tokenizers` (+ tokenizer_config.json special tokens and add_bos_token)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    chars = list("abcdefgh =+0123456789")
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>"] + chars)}
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tk.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tk.decoder = tokenizers.decoders.Fuse()
+    make_hf(tmp_path, "qwen2", vocab=len(vocab))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}, "pad_token": "<pad>", "add_bos_token": True}))
+    m = load_checkpoint(tmp_path)
+    t = m.tokenizer
+    assert (t.bos_token_id, t.eos_token_id, t.pad_token_id, t.vocab_size) == (1, 2, 0, len(vocab))
+    eng = Engine(m, num_pages=16)
+    n = eng.prefill("ab 12=")
+    assert eng.tokens(n) == [1] + [vocab[c] for c in "ab 12="]
+    eng.append(n, "3+")
+    assert eng.text(n) == "ab 12=3+"
+    r = eng.extend([n], max_new_tokens=4, seed=0)[0]
+    assert eng.text(n) == "ab 12=3+" + r.text
