@@ -4,8 +4,8 @@ A :class:`Node` is a mutable handle on one sequence (prompt + generated tokens).
 
 * ``tokens``: all its token ids; the KV of the first ``n_cached`` of them is in the pool;
 * pending tokens ``tokens[n_cached:]`` (a sampled token, or a teacher-forced ``append``) are run
-  lazily by the next forward that involves the node (``extend``, ``fork``, ``logits``), batched
-  with every other node that needs one;
+  lazily by the next forward that involves the node (``extend``, ``logits``), batched with every
+  other node that needs one (forked children inherit them);
 * when nothing is pending, the next-token logits (a row of the last forward's output, shared by
   forked children without a copy).
 
@@ -243,12 +243,14 @@ class Engine:
         return node
 
     def fork(self, node: Node, n: int) -> List[Node]:
-        """``n`` children sharing the node's KV pages and logits (the node stays valid)."""
+        """``n`` children sharing the node's KV pages and logits (the node stays valid).
+
+        Pending tokens (e.g. the last token sampled by ``extend``) are not run here: each child runs
+        them in its next batched forward (one more row per child in a step that happens anyway),
+        so forking many nodes never costs a forward per ``fork`` call."""
         self._check_node(node)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"ttscale.engine: fork count n must be an int >= 1, got {n!r}")
-        if node._n_cached < len(node._tokens):
-            self._forward([node])  # run pending tokens once, so the children share them
         seqs = self.pool.fork(node._seq, n)
         self.counters.forks += n
         return [Node(next(self._ids), s, list(node._tokens), node._n_cached, node._logits, node.finished,
@@ -256,7 +258,7 @@ class Engine:
 
     def append(self, node: Node, token_ids: Union[str, Sequence[int]]) -> None:
         """Teacher-forced continuation: add tokens to the node (a str is encoded without BOS). They are
-        run by the next forward involving the node. Appending clears ``finished``."""
+        run by the next forward involving the node (batched). Appending clears ``finished``."""
         self._check_node(node)
         ids = self._as_ids(token_ids, "token_ids", bos=False)
         if not ids:
