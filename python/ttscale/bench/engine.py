@@ -21,6 +21,7 @@ a few hundred tokens.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 
@@ -33,16 +34,16 @@ RANDOM_CFG = dict(vocab_size=64, hidden_size=256, intermediate_size=640, num_hid
                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def _checkpoint(tmp: str):
+def _checkpoint(tmp: str, random_overrides=None):
     """(checkpoint dir, description): the built-in policy, or a random Llama saved to ``tmp``."""
     from ttscale.engine.checkpoint import BUILTIN_DIR
 
     d = os.path.join(BUILTIN_DIR, "policy")
-    if os.path.isdir(d):
+    if os.path.isdir(d) and random_overrides is None:
         return d, "built-in policy"
     import transformers
 
-    cfg = transformers.LlamaConfig(**RANDOM_CFG)
+    cfg = transformers.LlamaConfig(**dict(RANDOM_CFG, **(random_overrides or {})))
     torch.manual_seed(0)
     m = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
@@ -51,7 +52,8 @@ def _checkpoint(tmp: str):
                 p.normal_(0, 0.05)
     m.save_pretrained(tmp)
     n = sum(p.numel() for p in m.parameters())
-    return tmp, f"random Llama ({n / 1e6:.1f}M params; built-in policy not found)"
+    why = "--random-config" if random_overrides is not None else "built-in policy not found"
+    return tmp, f"random Llama ({n / 1e6:.1f}M params; {why})"
 
 
 def main(argv=None) -> int:
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--random-config", default=None,
+                    help='use a random Llama with these LlamaConfig overrides (JSON), e.g. \'{"hidden_size": 128}\'')
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--quick", action="store_true", help="one repetition, smaller ceiling probe")
     ap.add_argument("--json", default=None, help="where to write results (default: bench/results/engine-<device>.json)")
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
     from ttscale.engine import Engine, SamplingParams, load_checkpoint
 
     tmp = tempfile.mkdtemp(prefix="ttscale-bench-engine-")
-    ckpt, what = _checkpoint(tmp)
+    ckpt, what = _checkpoint(tmp, None if args.random_config is None else json.loads(args.random_config))
     model = load_checkpoint(ckpt, device=args.device)
     cfg = model.config
     plen = max(1, min(args.prompt_len, cfg.max_position_embeddings - args.new_tokens))
