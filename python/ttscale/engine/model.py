@@ -302,6 +302,10 @@ class Transformer(nn.Module):
         out = self.head(self.hidden_states(ids, positions, attn))
         return list(out.split(lens))
 
+    def forward(self, sequences: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        """Same as :meth:`forward_tokens`."""
+        return self.forward_tokens(sequences)
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"arch={c.architecture}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
