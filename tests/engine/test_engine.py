@@ -208,3 +208,38 @@ def test_low_precision_runs(dtype):
     for k in kids:
         ref = ref_logits(model, eng.tokens(k))
         torch.testing.assert_close(eng.logits(k), ref, atol=0.05 * ref.abs().max().item(), rtol=0.05)
+
+
+def test_load_builtin_missing_dir(monkeypatch, tmp_path):
+    import ttscale.engine.checkpoint as ck
+    from ttscale.engine import load_builtin
+
+    monkeypatch.setattr(ck, "BUILTIN_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="built-in 'policy' model is not in this installation"):
+        load_builtin("policy")
+
+
+@pytest.mark.parametrize("name", ["policy", "prm"])
+def test_builtin_models(name):
+    """The shipped built-in checkpoints (when this installation has them) load and run."""
+    import os
+
+    from ttscale.engine import CharTokenizer, load_builtin
+    from ttscale.engine.checkpoint import BUILTIN_DIR
+
+    if not os.path.isdir(os.path.join(BUILTIN_DIR, name)):
+        pytest.skip(f"built-in {name} checkpoint not present")
+    m = load_builtin(name)
+    assert isinstance(m.tokenizer, CharTokenizer)
+    ids = [m.tokenizer.bos_token_id] + m.tokenizer.encode("12")
+    out = m.forward_tokens([ids])[0]
+    if name == "prm":
+        assert m.config.is_classifier and out.shape == (len(ids), 1)
+        return
+    eng = Engine(m)
+    root = eng.prefill("12")
+    assert eng.tokens(root) == ids
+    torch.testing.assert_close(eng.logits(root), out[-1], atol=ATOL, rtol=RTOL)
+    kids = eng.fork(root, 4)
+    eng.extend(kids, max_new_tokens=8, seed=0)
+    check_nodes(eng, kids)
