@@ -243,3 +243,38 @@ def test_builtin_models(name):
     kids = eng.fork(root, 4)
     eng.extend(kids, max_new_tokens=8, seed=0)
     check_nodes(eng, kids)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PROP_MODEL = make_model(layers=1, hidden=128, heads=2, kv_heads=1, inter=128, max_pos=200, seed=3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(page_size=st.sampled_from([1, 2, 5, 16]), levels=st.sampled_from([1, 2, 3]),
+       actions=st.lists(st.tuples(st.sampled_from(["fork", "extend", "append", "release", "prefill"]),
+                                  st.integers(0, 10 ** 6), st.integers(1, 4)), min_size=1, max_size=12))
+def test_random_engine_usage(page_size, levels, actions):
+    """Random prefill / fork / extend (random subsets, lock-step) / append / release: the pool stays
+    consistent and every live node's logits equal the dense forward of its tokens."""
+    eng = Engine(_PROP_MODEL, num_pages=400, page_size=page_size, eos_token_ids=(), max_share_levels=levels)
+    live = [eng.prefill([1, 4, 5, 6, 7][: 2 + len(actions) % 4])]
+    for kind, pick, n in actions:
+        if not live or kind == "prefill":
+            live.append(eng.prefill([1] + [3 + (pick + i) % 20 for i in range(n * 3)]))
+        elif kind == "fork":
+            live += eng.fork(live[pick % len(live)], n)
+        elif kind == "extend":
+            sub = [x for j, x in enumerate(live) if (pick >> j) & 1] or live[:1]
+            eng.extend(sub, max_new_tokens=n, seed=pick)
+        elif kind == "append":
+            eng.append(live[pick % len(live)], [3 + pick % 20] * n)
+        else:
+            eng.release([live.pop(pick % len(live))])
+        eng.pool.check_invariants()
+    check_nodes(eng, live)
+    eng.release(live)
+    eng.pool.check_invariants()
+    assert eng.pool.num_used == 0
