@@ -418,6 +418,8 @@ class Engine:
         for n in nodes:
             if n._logits is None and len(n._tokens) == n._n_cached:
                 raise RuntimeError(f"ttscale.engine: node {n.id} has neither logits nor pending tokens")
+        if not nodes_run:
+            return
         counts = [len(n._tokens) - n._n_cached for n in nodes_run]
         decode = all(c == 1 for c in counts) and all(n._n_cached > 0 for n in nodes_run)
         seqs = [n._seq for n in nodes_run]
