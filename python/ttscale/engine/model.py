@@ -1,0 +1,320 @@
+"""A Llama / Qwen2-style decoder (inference only) whose attention, KV writes and sampling are ttscale ops.
+
+Architecture (Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` semantics, and the
+``*ForSequenceClassification`` variants used as process reward models):
+
+    x = embed(ids)
+    per layer:  h = rmsnorm(x); q, k, v = qkv(h) (+bias: Qwen2 / attention_bias); rope(q, k)
+                x = x + o_proj(attention(q, k, v)); x = x + down(silu(gate(h2)) * up(h2)), h2 = rmsnorm(x)
+    out = rmsnorm(x) @ lm_head^T   (or embed^T when tied; or score^T [num_labels, hidden] for a classifier)
+
+The q/k/v projections are stored fused as one ``qkv_proj`` linear ``[(Hq + 2 Hkv) D, hidden]`` and
+gate/up as one ``gate_up_proj`` ``[2 I, hidden]`` (rows of the HF matrices concatenated): fewer,
+larger matmuls per layer, which matters for small models where per-op overhead dominates, and
+quantization is per output row, so a fused ``QuantLinear`` equals the separate ones.
+
+Tokens are processed ragged: a forward takes ``ids [T]`` and ``positions [T]`` of any number of
+sequences and an ``attn(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq, D]`` callback
+that owns the KV cache (the engine plans it once per step; :meth:`Transformer.forward_tokens` uses
+dense ragged :func:`ttscale.ops.attention`).
+
+RoPE follows HF: ``inv_freq[i] = 1 / theta^(2i/D)``, ``rotate_half`` convention (first half of the
+head paired with the second half), cos/sin multiplied by the scaling type's attention factor.
+Scaling types: ``default``, ``linear`` (inv_freq / factor), ``dynamic`` (NTK; identical to default
+for every position below ``max_position_embeddings``, and the engine refuses positions beyond it),
+``llama3`` and ``yarn``. Head dims 64, 128, 256 (what ttscale's attention kernels support).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+
+__all__ = ["ModelConfig", "Transformer", "SUPPORTED_HEAD_DIMS", "rope_inv_freq"]
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+AttnFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # HF rope_parameters / rope_scaling minus rope_theta; None = default
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    num_labels: Optional[int] = None  # set: sequence-classification head ``score`` [num_labels, hidden]
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None  # int, list of ints or None
+    architecture: str = "LlamaForCausalLM"
+
+    def __post_init__(self) -> None:
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"ttscale.engine: head_dim {self.head_dim} is not supported; ttscale attention "
+                             f"supports head_dim in {SUPPORTED_HEAD_DIMS}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(f"ttscale.engine: num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of num_key_value_heads ({self.num_key_value_heads})")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ttscale.engine: config {name} must be a positive int, got {v!r}")
+        rope_type = self.rope_type
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"ttscale.engine: rope scaling type {rope_type!r} is not supported (supported: "
+                             f"{', '.join(ROPE_TYPES)})")
+        if self.rope_scaling and float(self.rope_scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise ValueError("ttscale.engine: partial_rotary_factor != 1 is not supported")
+
+    @property
+    def rope_type(self) -> str:
+        if not self.rope_scaling:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def eos_token_ids(self) -> List[int]:
+        e = self.eos_token_id
+        if e is None:
+            return []
+        return [int(x) for x in e] if isinstance(e, (list, tuple)) else [int(e)]
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_labels is not None
+
+    @property
+    def out_dim(self) -> int:
+        return self.num_labels if self.is_classifier else self.vocab_size
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """``(inv_freq [D/2] float32, attention_factor)`` for the config's RoPE scaling (HF semantics)."""
+    d = cfg.head_dim
+    base = float(cfg.rope_theta)
+    exponents = torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d
+    inv_freq = 1.0 / (base ** exponents)
+    rs = cfg.rope_scaling or {}
+    t = cfg.rope_type
+    att = 1.0
+    if t in ("default", "dynamic"):
+        # dynamic NTK only changes the base for sequences longer than max_position_embeddings, which
+        # the engine never runs.
+        pass
+    elif t == "linear":
+        inv_freq = inv_freq / float(rs["factor"])
+    elif t == "llama3":
+        factor = float(rs["factor"])
+        lo, hi = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        old_ctx = float(rs["original_max_position_embeddings"])
+        lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths (low frequencies) are interpolated by `factor`, short ones kept, and the band
+        # between blends the two linearly in old_ctx / wavelen.
+        scaled = torch.where(wavelen > lo_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    elif t == "yarn":
+        orig = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
+        factor = rs.get("factor")
+        factor = float(cfg.max_position_embeddings / orig) if factor is None else float(factor)
+        att = rs.get("attention_factor")
+        mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+
+        def get_mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if att is None:
+            att = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if (mscale and mscale_all) \
+                else get_mscale(factor)
+        beta_fast = rs.get("beta_fast") or 32
+        beta_slow = rs.get("beta_slow") or 1
+
+        def corr_dim(rot):  # the dimension index whose wavelength makes `rot` rotations over `orig` tokens
+            return d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = corr_dim(beta_fast), corr_dim(beta_slow)
+        if rs.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(d // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        extrap = 1 - ramp  # 1: keep the original frequency (high frequencies), 0: interpolate by factor
+        pos_freqs = base ** exponents
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
+        att = float(att)
+    return inv_freq.to(torch.float32), float(att)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.input_layernorm = nn.Parameter(torch.ones(h))
+        self.qkv_proj = nn.Linear(h, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias)
+        self.post_attention_layernorm = nn.Parameter(torch.ones(h))
+        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=cfg.mlp_bias)
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer (module docstring). Parameters are created uninitialised-ish (zeros /
+    ones); :func:`ttscale.engine.load_checkpoint` fills them. Inference only (no autograd)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = None
+        c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(c.hidden_size))
+        self.lm_head = None
+        self.score = None
+        if c.is_classifier:
+            self.score = nn.Linear(c.hidden_size, c.num_labels, bias=False)
+        elif not c.tie_word_embeddings:
+            self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        inv_freq, att = rope_inv_freq(c)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_factor = att
+        self.requires_grad_(False)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def rope(self, positions: torch.Tensor):
+        """cos, sin ``[T, 1, D]`` in the model dtype for int positions ``[T]`` (HF: float32 angles)."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
+
+    def check_ids(self, ids: Sequence[int], name: str = "token ids") -> None:
+        v = self.config.vocab_size
+        bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < v)]
+        if bad:
+            raise ValueError(f"ttscale.engine: {name} must be ints in [0, vocab_size={v}); got {bad[:5]!r}"
+                             f"{' ...' if len(bad) > 5 else ''}")
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
+        """Final hidden states (before the last norm) ``[T, hidden]`` for ragged ``ids [T]``."""
+        c = self.config
+        hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        hsz, eps = c.hidden_size, c.rms_norm_eps
+        t = ids.shape[0]
+        x = F.embedding(ids, self.embed_tokens.weight)
+        cos, sin = self.rope(positions)
+        half = d // 2
+        for li, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (hsz,), layer.input_layernorm, eps)
+            qkv = layer.qkv_proj(h).view(t, hq + 2 * hkv, d)
+            qk = qkv[:, :hq + hkv]
+            rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+            qk = qk * cos + rot * sin
+            q, k = qk[:, :hq], qk[:, hq:]
+            v = qkv[:, hq + hkv:]
+            o = attn(li, q, k, v)
+            x = x + layer.o_proj(o.reshape(t, hq * d))
+            h = F.rms_norm(x, (hsz,), layer.post_attention_layernorm, eps)
+            gu = layer.gate_up_proj(h)
+            g, u = gu.split(c.intermediate_size, dim=-1)
+            x = x + layer.down_proj(F.silu(g) * u)
+        return x
+
+    @torch.inference_mode()
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + output layer: float32 ``[T, out_dim]`` (LM logits or classifier scores)."""
+        x = F.rms_norm(x, (self.config.hidden_size,), self.norm, self.config.rms_norm_eps)
+        if self.score is not None:
+            out = self.score(x)
+        elif self.lm_head is not None:
+            out = self.lm_head(x)
+        else:
+            out = F.linear(x, self.embed_tokens.weight)
+        return out.float()
+
+    # ------------------------------------------------------------------ stateless forward
+    @torch.inference_mode()
+    def forward_tokens(self, sequences: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        """Full causal forward of several sequences at once (ragged, no KV cache).
+
+        Returns one float32 tensor per sequence, ``[len_i, out_dim]``: LM logits (``out_dim = vocab``),
+        or for a sequence-classification model (PRM) the per-position scores ``[len_i, num_labels]``
+        (``final_norm(h) @ score^T``, HF's per-position ``*ForSequenceClassification`` logits).
+        """
+        if isinstance(sequences, (str, bytes)) or not isinstance(sequences, Sequence):
+            raise TypeError("ttscale.engine: forward_tokens expects a list of token-id lists")
+        lens = []
+        flat: List[int] = []
+        for i, s in enumerate(sequences):
+            s = [int(x) for x in s] if isinstance(s, torch.Tensor) else list(s)
+            if len(s) == 0:
+                raise ValueError(f"ttscale.engine: forward_tokens: sequences[{i}] is empty")
+            if len(s) > self.config.max_position_embeddings:
+                raise ValueError(f"ttscale.engine: forward_tokens: sequences[{i}] has {len(s)} tokens, more than "
+                                 f"max_position_embeddings={self.config.max_position_embeddings}")
+            self.check_ids(s, f"sequences[{i}]")
+            lens.append(len(s))
+            flat.extend(s)
+        if not lens:
+            return []
+        dev = self.device
+        ids = torch.tensor(flat, dtype=torch.long, device=dev)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(dev)
+        cu = torch.tensor([0] + list(_cumsum(lens)), dtype=torch.int32, device=dev)
+
+        def attn(li, q, k, v):
+            return ops.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+        out = self.head(self.hidden_states(ids, positions, attn))
+        return list(out.split(lens))
+
+    def forward(self, sequences: Sequence[Sequence[int]]) -> List[torch.Tensor]:
+        """Same as :meth:`forward_tokens`."""
+        return self.forward_tokens(sequences)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"arch={c.architecture}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}, vocab={c.vocab_size}, "
+                f"rope={c.rope_type}")
+
+
+def _cumsum(xs):
+    s = 0
+    for x in xs:
+        s += x
+        yield s
