@@ -208,10 +208,40 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
   s.p.kv_indices = si.in.ci.indices.data_ptr<int32_t>();
   s.p.kv_last_page_len = si.in.ci.last.data_ptr<int32_t>();
   const CpuKernels* K = TT_CPU_SELECT(sparse_kernels);
-
-  // phase 1: scores [nnz, Hkv] of the pages of sequences that do not keep everything
   const int64_t nnz = ip[B];
-  std::vector<float> scores((size_t)std::max<int64_t>(nnz, 1) * Hkv);
+  std::vector<float> scores((size_t)std::max<int64_t>(nnz, 1) * Hkv);  // [nnz][Hkv]
+  int32_t* sel = selected.data_ptr<int32_t>();
+  float* lse_p = lse.data_ptr<float>();
+  int64_t max_kept = 0;
+  for (int64_t b = 0; b < B; ++b) max_kept = std::max<int64_t>(max_kept, std::min<int64_t>(ip[b + 1] - ip[b], budget));
+  const int64_t threads = at::get_num_threads();
+  int64_t n_split = 1;
+  if (B * Hkv < 2 * threads)
+    n_split = std::max<int64_t>(1, std::min<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), (max_kept + 7) / 8));
+
+  if (n_split == 1) {
+    // fused: one item per (b, h), no barrier between score, select and attend
+    TT_DISPATCH_FLOAT(s.p.dtype, OT, {
+      OT* out_p = static_cast<OT*>(out.data_ptr());
+      at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+        std::vector<int32_t> cand;
+        std::vector<float> o(group * D), l(group);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t b = i / Hkv, h = i % Hkv, np = ip[b + 1] - ip[b];
+          float* sc = scores.data() + ip[b] * Hkv;
+          if (np > budget) K->score(s, b, h, h + 1, 0, np, sc);
+          const int64_t n = select_pages(sc, np, Hkv, h, sink_pages, local_pages, top_k_pages, sel + i * budget, cand);
+          K->attend(s, b, h, sel + i * budget, n, o.data(), l.data());
+          const int64_t row = b * Hq + h * group;
+          for (int64_t x = 0; x < group * D; ++x) store_float(out_p + row * D + x, o[x]);
+          for (int64_t g = 0; g < group; ++g) lse_p[row + g] = l[g];
+        }
+      });
+    });
+    return {out, lse, selected};
+  }
+
+  // phase 1: scores of the pages of sequences that do not keep everything, all heads per item
   struct ScoreItem { int64_t b, j0, j1; };
   std::vector<ScoreItem> sitems;
   for (int64_t b = 0; b < B; ++b) {
@@ -222,12 +252,11 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
   at::parallel_for(0, (int64_t)sitems.size(), 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const ScoreItem& it = sitems[i];
-      K->score(s, it.b, it.j0, it.j1, scores.data() + (ip[it.b] + it.j0) * Hkv);
+      K->score(s, it.b, 0, Hkv, it.j0, it.j1, scores.data() + (ip[it.b] + it.j0) * Hkv);
     }
   });
 
   // phase 2: selection per (b, h)
-  int32_t* sel = selected.data_ptr<int32_t>();
   std::vector<int64_t> n_kept(B * Hkv);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
     std::vector<int32_t> cand;
@@ -238,14 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
     }
   });
 
-  // phase 3: attention over the kept pages, split into n_split parts when (b, h) pairs are too few
-  // to fill the threads
-  int64_t max_kept = 0;
-  for (int64_t v : n_kept) max_kept = std::max(max_kept, v);
-  const int64_t threads = at::get_num_threads();
-  int64_t n_split = 1;
-  if (B * Hkv < 2 * threads)
-    n_split = std::max<int64_t>(1, std::min<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), (max_kept + 7) / 8));
+  // phase 3: attention over the kept pages in n_split parts, then the merge
   Tensor part = at::empty({n_split, B * Hq, D}, q.options().dtype(at::kFloat));
   Tensor part_lse = at::empty({n_split, B * Hq}, q.options().dtype(at::kFloat));
   float* pp = part.data_ptr<float>();
@@ -259,26 +281,20 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
       K->attend(s, b, h, sel + bh * budget + k0, k1 - k0, pp + (sp * B * Hq + row) * D, pl + sp * B * Hq + row);
     }
   });
-  float* lse_p = lse.data_ptr<float>();
   TT_DISPATCH_FLOAT(s.p.dtype, OT, {
     OT* out_p = static_cast<OT*>(out.data_ptr());
-    at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
-      // rows [b0 * Hq, b1 * Hq) of every split: the split stride is B * Hq rows
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t r = b * Hq; r < (b + 1) * Hq; ++r) {
-          float l = pl[r];
-          float acc[256];
-          for (int64_t d = 0; d < D; ++d) acc[d] = pp[r * D + d];
-          for (int64_t x = 1; x < n_split; ++x) {
-            const attn::MergeWeights w = attn::merge_weights(l, pl[x * B * Hq + r]);
-            const float* o2 = pp + (x * B * Hq + r) * D;
-            for (int64_t d = 0; d < D; ++d) acc[d] = w.wa * acc[d] + w.wb * o2[d];
-            l = w.lse;
-          }
-          for (int64_t d = 0; d < D; ++d) store_float(out_p + r * D + d, acc[d]);
-          lse_p[r] = l;
-        }
-    });
+    for (int64_t r = 0; r < B * Hq; ++r) {  // few rows on this path (B * Hkv < 2 * threads)
+      float l = pl[r];
+      std::vector<float> acc(pp + r * D, pp + (r + 1) * D);
+      for (int64_t x = 1; x < n_split; ++x) {
+        const attn::MergeWeights w = attn::merge_weights(l, pl[x * B * Hq + r]);
+        const float* o2 = pp + (x * B * Hq + r) * D;
+        for (int64_t d = 0; d < D; ++d) acc[d] = w.wa * acc[d] + w.wb * o2[d];
+        l = w.lse;
+      }
+      for (int64_t d = 0; d < D; ++d) store_float(out_p + r * D + d, acc[d]);
+      lse_p[r] = l;
+    }
   });
   return {out, lse, selected};
 }

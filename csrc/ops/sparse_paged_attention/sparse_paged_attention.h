@@ -21,10 +21,13 @@
 // selected [B, Hkv, budget] int32 lists the kept logical page indices in ascending order, padded
 // with -1.
 //
-// CPU schedule (sparse_paged_attention.cpp): phase 1 scores pages in items of (b, page range), all
-// heads at once, streaming the summaries front to back; phase 2 selects per (b, h); phase 3 attends
-// per (b, h, split of the kept pages) writing fp32 partials (out, lse) merged with
-// attn::merge_weights, so one long sequence is spread over every thread.
+// CPU schedule (sparse_paged_attention.cpp). When the (b, h) pairs fill the threads, one parallel
+// region of items (b, h), each fully fused: score the sequence's pages for head h, select, attend,
+// write the output rows (one barrier in all: on a loaded machine every barrier costs a scheduler
+// wake-up). Otherwise (few sequences and KV heads, long sequences) three phases: scores in items of
+// (b, page range) for all heads, selection per (b, h), attention per (b, h, split of the kept pages)
+// into fp32 partials (out, lse) merged with attn::merge_weights, so one long sequence is spread
+// over every thread.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -103,8 +106,8 @@ struct SparseParams {
 struct CpuKernels {
   // Summaries of pages sp.pages[i0..i1), every KV head.
   void (*summarize)(const SummaryParams& sp, int64_t i0, int64_t i1);
-  // Scores of logical pages [j0, j1) of sequence b for every KV head: scores[(j - j0) * Hkv + h].
-  void (*score)(const SparseParams& s, int64_t b, int64_t j0, int64_t j1, float* scores);
+  // Scores of logical pages [j0, j1) of sequence b for KV heads [h0, h1): scores[(j - j0) * Hkv + h].
+  void (*score)(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* scores);
   // Attention of the group's query heads of (b, h) over the keys of logical pages kept[0..n):
   // normalised fp32 out [group][D] and lse [group] (zeros / -inf when n == 0).
   void (*attend)(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, int64_t n, float* out,

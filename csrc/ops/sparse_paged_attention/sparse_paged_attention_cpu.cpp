@@ -20,6 +20,17 @@ using sparse::kKeyChunk;
 using sparse::SparseParams;
 using sparse::SummaryParams;
 
+inline void prefetch(const void* ptr) {
+#if defined(__GNUC__)
+  __builtin_prefetch(ptr, 0, 3);
+#else
+  (void)ptr;
+#endif
+}
+
+constexpr int64_t kScoreAhead = 8;   // scoring: prefetch distance in pages
+constexpr int64_t kAttendAhead = 3;  // attention: prefetch distance in kept pages
+
 // ---------------------------------------------------------------- summaries
 template <typename T>
 void summarize_t(const SummaryParams& sp, int64_t i0, int64_t i1) {
@@ -46,12 +57,12 @@ void summarize(const SummaryParams& sp, int64_t i0, int64_t i1) {
 // head is one dot product of [q+, q-] with [mx, mn]: 2 FMAs per element, no compare. Heads go by
 // 4 (8 accumulators: 2 summary loads + 8 FMAs per step); rows past the group alias row 0.
 template <typename T, int D>
-void score_t(const SparseParams& s, int64_t b, int64_t j0, int64_t j1, float* scores) {
+void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* scores) {
   const paged::PagedParams& p = s.p;
   const int64_t Hq = p.Hq, Hkv = p.Hkv, group = Hq / Hkv;
   std::vector<float> qsplit((size_t)Hq * 2 * D);  // per query head: [q+ (D) | q- (D)]
   const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_t;
-  for (int64_t hq = 0; hq < Hq; ++hq) {
+  for (int64_t hq = h0 * group; hq < h1 * group; ++hq) {
     float* dst = qsplit.data() + hq * 2 * D;
     for (int d = 0; d < D; ++d) {
       const float x = to_float(qb[hq * p.q_stride_h + d]);
@@ -63,7 +74,15 @@ void score_t(const SparseParams& s, int64_t b, int64_t j0, int64_t j1, float* sc
   const int32_t* pages = p.kv_indices + p.kv_indptr[b];
   for (int64_t j = j0; j < j1; ++j) {
     const T* base = sc + (int64_t)pages[j] * s.s_stride_page;
-    for (int64_t h = 0; h < Hkv; ++h) {
+    if (j + kScoreAhead < j1) {  // pages are scattered: prefetch the rows kScoreAhead pages ahead
+      const char* nb = reinterpret_cast<const char*>(sc + (int64_t)pages[j + kScoreAhead] * s.s_stride_page);
+      for (int k = sparse::kMin; k <= sparse::kMax; ++k)
+        for (int64_t h = h0; h < h1; ++h) {
+          const char* row = nb + (k * s.s_stride_kind + h * s.s_stride_head) * (int64_t)sizeof(T);
+          for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) prefetch(row + o);
+        }
+    }
+    for (int64_t h = h0; h < h1; ++h) {
       const T* mn = base + sparse::kMin * s.s_stride_kind + h * s.s_stride_head;
       const T* mx = base + sparse::kMax * s.s_stride_kind + h * s.s_stride_head;
       float best = -INFINITY;
@@ -86,8 +105,8 @@ void score_t(const SparseParams& s, int64_t b, int64_t j0, int64_t j1, float* sc
   }
 }
 
-void score(const SparseParams& s, int64_t b, int64_t j0, int64_t j1, float* scores) {
-  TT_DISPATCH_FLOAT(s.p.dtype, T, TT_DISPATCH_HEAD_DIM(s.p.D, D, score_t<T, D>(s, b, j0, j1, scores)))
+void score(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* scores) {
+  TT_DISPATCH_FLOAT(s.p.dtype, T, TT_DISPATCH_HEAD_DIM(s.p.D, D, score_t<T, D>(s, b, h0, h1, j0, j1, scores)))
 }
 
 // ---------------------------------------------------------------- attention over kept pages
@@ -128,14 +147,6 @@ inline void pv_tile(float* const* o, const float (*P)[kKeyChunk], const T* const
   }
 }
 
-inline void prefetch(const void* ptr) {
-#if defined(__GNUC__)
-  __builtin_prefetch(ptr, 0, 3);
-#else
-  (void)ptr;
-#endif
-}
-
 template <typename T, int D>
 void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, int64_t n, float* out, float* lse) {
   const paged::PagedParams& p = s.p;
@@ -172,9 +183,16 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
           const VF va = set1(alpha);
           for (int d = 0; d < D; d += W) store(orow[r] + d, mul(load(orow[r] + d), va));
         }
-        float sum = 0.0f;
-        for (int j = 0; j < nk; ++j) { sr[j] = std::exp(sr[j] - os.m); sum += sr[j]; }
-        os.l += sum;
+        const int nkw = (nk + W - 1) / W * W;
+        for (int j = nk; j < nkw; ++j) sr[j] = -INFINITY;  // exp -> 0
+        const VF vm = set1(os.m);
+        VF sum = set1(0.0f);
+        for (int j = 0; j < nkw; j += W) {
+          const VF e = exp(sub(load(sr + j), vm));
+          store(sr + j, e);
+          sum = add(sum, e);
+        }
+        os.l += hsum(sum);
         m[t * 4 + r] = os.m;
         l[t * 4 + r] = os.l;
       }
@@ -183,17 +201,23 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
     nk = 0;
   };
 
+  // the rows of one head are D elements at a stride of Hkv * D: the hardware prefetchers follow
+  // neither that nor the page-table jumps, so the rows of the page kAttendAhead pages ahead are
+  // requested explicitly
+  auto prefetch_page = [&](int64_t i) {
+    const int64_t pg = pages[kept[i]];
+    for (int64_t t = 0; t < p.page_size; ++t) {
+      const char* kr = reinterpret_cast<const char*>(kc + pg * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head);
+      const char* vr = reinterpret_cast<const char*>(vc + pg * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head);
+      for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) { prefetch(kr + o); prefetch(vr + o); }
+    }
+  };
+  for (int64_t i = 0; i < n && i < kAttendAhead; ++i) prefetch_page(i);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t j = kept[i];
     const int64_t page = pages[j];
     const int64_t ntok = sparse::page_tokens(j, np, last, p.page_size);
-    if (i + 1 < n) {  // the next page's rows of this head (the hardware cannot guess page-table jumps)
-      const int64_t nxt = pages[kept[i + 1]];
-      for (int64_t t = 0; t < p.page_size; ++t) {
-        prefetch(kc + nxt * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head);
-        prefetch(vc + nxt * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head);
-      }
-    }
+    if (i + kAttendAhead < n) prefetch_page(i + kAttendAhead);
     for (int64_t t = 0; t < ntok; ++t) {
       kp[nk] = kc + page * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head;
       vp[nk] = vc + page * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head;
