@@ -241,6 +241,24 @@ def test_long_sequence_split_matches_single_thread(cpu_isa):
     torch.testing.assert_close(lse1, lse2, atol=1e-6, rtol=1e-6)
 
 
+def test_branches_sharing_prefix_pages_share_summaries(cpu_isa):
+    # 5 branches point at the same 40 prefix pages, each with its own suffix pages; one summaries
+    # tensor serves all of them
+    ps, Hkv, D, n_pre = 8, 2, 64, 40
+    g = torch.Generator().manual_seed(11)
+    P = n_pre + 5 * 6
+    k, v = torch.randn(P, ps, Hkv, D, generator=g), torch.randn(P, ps, Hkv, D, generator=g)
+    pre = list(range(n_pre))
+    ix, ip, last = [], [0], []
+    for b in range(5):
+        ix += pre + list(range(n_pre + 6 * b, n_pre + 6 * b + b + 1))
+        ip.append(len(ix))
+        last.append(1 + (3 * b) % ps)
+    ip, ix, last = (torch.tensor(x, dtype=torch.int32) for x in (ip, ix, last))
+    q = torch.randn(5, 8, D, generator=g)
+    run_and_check(q, k, v, ip, ix, last, top_k=6, sink=2, local=2)
+
+
 def planted(L, page_size, Hq, Hkv, D, dtype, hot, seed=0, strength=4.0):
     """One sequence whose pages `hot` hold keys aligned with the query (per KV head, the mean of its
     group's query directions), so they get most of the attention."""

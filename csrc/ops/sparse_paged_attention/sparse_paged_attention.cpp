@@ -151,6 +151,8 @@ SparseInputs validate_sparse(const Tensor& q, const Tensor& k_cache, const Tenso
                                           scale, -1, 0.0);
   check_summaries(summaries, k_cache);
   si.budget = top_k_pages + sink_pages + local_pages;
+  TT_CHECK_VALUE(si.budget <= (int64_t)1 << 30, "top_k_pages + sink_pages + local_pages must be <= 2^30 (it is the "
+                 "width of the selected-pages output), got ", si.budget);
   return si;
 }
 
