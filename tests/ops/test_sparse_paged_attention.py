@@ -219,6 +219,18 @@ def test_budget_covers_all_pages_equals_dense(cpu_isa, dtype):
         assert sel[b, :, :n].tolist() == [list(range(n))] * 2 and torch.all(sel[b, :, n:] == -1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_sequences_in_a_sparse_batch_equal_dense(cpu_isa, dtype):
+    # the batch has one long sequence, so the sparse kernels run; the short ones must still equal dense
+    q, k, v, ip, ix, last = make_problem([1, 33, 97, 200, 0, 3000], 16, 8, 2, 128, dtype, seed=5)
+    out, lse, sel = run_and_check(q, k, v, ip, ix, last, top_k=11)
+    dense, dlse = paged_attention(q, k, v, ip, ix, last, return_lse=True)
+    torch.testing.assert_close(out[:5].float(), dense[:5].float(), **OUT_TOL[dtype])
+    fin = torch.isfinite(dlse[:5])
+    torch.testing.assert_close(lse[:5][fin], dlse[:5][fin], atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(out[5].float(), dense[5].float(), atol=1e-2)  # the long one is sparse
+
+
 @pytest.mark.parametrize("top_k,sink,local", [(0, 0, 1), (3, 0, 0), (0, 0, 0), (7, 3, 4), (1, 1, 1)])
 def test_budget_variants(top_k, sink, local):
     run_and_check(*make_problem([300, 45, 7], 4, 8, 2, 64, torch.float32, seed=top_k), top_k=top_k, sink=sink,

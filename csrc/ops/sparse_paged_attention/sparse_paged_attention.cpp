@@ -5,6 +5,7 @@
 #include "ops/sparse_paged_attention/sparse_paged_attention.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -176,6 +177,32 @@ int64_t select_pages(const float* scores, int64_t np, int64_t Hkv, int64_t h, in
   return (int64_t)cand.size();
 }
 
+// When no sequence has more pages than the budget, every page is kept and the op is dense paged
+// attention: it runs paged_attention's kernels (the same numbers bit for bit, and its schedule, tuned
+// for whole sequences), and selected lists every page.
+bool dense_if_all_kept(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& kv_indptr,
+                       const Tensor& kv_indices, const Tensor& kv_last_page_len, const SparseInputs& si, double scale,
+                       Tensor& out, Tensor& lse, Tensor& selected) {
+  const int64_t B = si.in.ci.B, Hkv = si.in.ci.Hkv, budget = si.budget;
+  const int32_t* ip = si.in.ci.indptr.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    if (ip[b + 1] - ip[b] > budget) return false;
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ttscale::paged_attention", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+                                                         bool, double, int64_t, double, bool)>();
+  std::tie(out, lse) = op.call(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, c10::nullopt, true, scale,
+                               -1, 0.0, true);
+  Tensor sel = at::full({B, Hkv, budget}, -1, at::TensorOptions().dtype(at::kInt));
+  int32_t* sp = sel.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hkv; ++h)
+      for (int64_t j = 0; j < ip[b + 1] - ip[b]; ++j) sp[(b * Hkv + h) * budget + j] = (int32_t)j;
+  selected = sel.to(q.device());
+  return true;
+}
+
 SparseParams sparse_params(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& summaries,
                            const SparseInputs& si, double scale, int64_t top_k, int64_t sink, int64_t local) {
   SparseParams s;
@@ -204,6 +231,8 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
   Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
   Tensor selected = at::full({B, Hkv, budget}, -1, q.options().dtype(at::kInt));
   if (B == 0) return {out, lse, selected};
+  if (dense_if_all_kept(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, si, scale, out, lse, selected))
+    return {out, lse, selected};
   SparseParams s = sparse_params(q, k_cache, v_cache, summaries, si, scale, top_k_pages, sink_pages, local_pages);
   const int32_t* ip = si.in.ci.indptr.data_ptr<int32_t>();
   s.p.kv_indptr = ip;
@@ -424,6 +453,8 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cuda_impl(
   Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
   Tensor selected = at::full({B, Hkv, budget}, -1, q.options().dtype(at::kInt));
   if (B == 0) return {out, lse, selected};
+  if (dense_if_all_kept(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, si, scale, out, lse, selected))
+    return {out, lse, selected};
   SparseParams s = sparse_params(q, k_cache, v_cache, summaries, si, scale, top_k_pages, sink_pages, local_pages);
   const Tensor ip_d = kv_indptr.contiguous(), ix_d = kv_indices.contiguous(), ll_d = kv_last_page_len.contiguous();
   s.p.kv_indptr = ip_d.data_ptr<int32_t>();
