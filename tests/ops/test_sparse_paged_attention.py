@@ -20,7 +20,7 @@ from ttscale.reference.paged_attention import build_page_table, kv_lens
 from ttscale.reference.sparse_paged_attention import (attention_mass_ref, page_lens_of, page_summaries_ref,
                                                       quest_scores_ref, select_ref, sparse_attention_ref)
 
-from conftest import DEVICES, DTYPES
+from conftest import CUDA, DEVICES, DTYPES
 
 OUT_TOL = {
     torch.float32: dict(atol=2e-5, rtol=2e-5),
@@ -324,6 +324,34 @@ def test_attention_mass_matches_reference(cpu_isa, dtype):
     tot = attention_mass(q, k, ip, ix, last, allp).sum(-1)
     for b, n in enumerate(npg):
         torch.testing.assert_close(tot[b], torch.full_like(tot[b], 1.0 if n else 0.0), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- CUDA vs CPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build of ttscale")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    lens = [1, 2, 17, 127, 1000, 0, 5000]
+    q, k, v, ip, ix, last = make_problem(lens, 16, 8, 2, 128, dtype, seed=13)
+    pl = page_lens_of(k.shape[0], 16, ip, ix, last)
+    s_cpu = new_page_summaries(k, pl)
+    dev = [t.cuda() for t in (q, k, v, ip, ix, last)]
+    s_gpu = new_page_summaries(dev[1], pl.cuda())
+    assert torch.equal(s_gpu.cpu(), s_cpu)  # the same TT_HD arithmetic on both devices
+    _, _, sel = run_and_check(*dev, top_k=7, sink=1, local=2, s=s_gpu)
+    _, _, sel_cpu = sparse_paged_attention(q, k, v, s_cpu, ip, ix, last, top_k_pages=7, sink_pages=1, local_pages=2,
+                                           return_lse=True, return_selected=True)
+    # scores are summed in a different order on the GPU: only near ties may pick different pages
+    assert (sel.cpu() == sel_cpu).float().mean() > 0.95
+    mass = attention_mass(dev[0], dev[1], dev[3], dev[4], dev[5], sel)
+    torch.testing.assert_close(mass.cpu().double(), attention_mass_ref(q, k, ip, ix, last, sel.cpu()), atol=2e-6,
+                               rtol=1e-4)
+    bi = [b for b, n in enumerate(lens) if n > 0]  # overwrite each non-empty sequence's last token
+    kn, vn = torch.randn(len(bi), 2, 128).to(dtype).cuda(), torch.randn(len(bi), 2, 128).to(dtype).cuda()
+    append_paged_kv(kn, vn, dev[1], dev[2], dev[3], dev[4], dev[5], batch_indices=torch.tensor(bi).cuda(),
+                    positions=torch.tensor([lens[b] - 1 for b in bi]).cuda(), summaries=s_gpu)
+    used = ix[(ip[1:] - 1).clamp(min=0)[torch.tensor(lens) > 0]].long()
+    assert torch.equal(s_gpu.cpu()[used], new_page_summaries(dev[1].cpu(), pl)[used])
 
 
 # --------------------------------------------------------------------------- opcheck / compile / bad input
