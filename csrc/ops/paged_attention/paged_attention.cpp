@@ -568,7 +568,10 @@ void copy_pages_cuda_impl(Tensor k_cache, Tensor v_cache, const Tensor& src, con
   check_optional_summaries(summaries, k_cache);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   if (src.size(0) == 0) return;
-  if (summaries) summaries->index_copy_(0, sd.second.to(k_cache.device()), summaries->index_select(0, sd.first.to(k_cache.device())));
+  if (summaries) {
+    const Tensor s_d = sd.first.to(k_cache.device()), d_d = sd.second.to(k_cache.device());
+    summaries->index_copy_(0, d_d, summaries->index_select(0, s_d));
+  }
   const Tensor s = sd.first.to(k_cache.device()), d = sd.second.to(k_cache.device());
   for (Tensor* c : {&k_cache, &v_cache}) {
     CopyPagesCudaParams p;
