@@ -207,8 +207,10 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
   auto prefetch_page = [&](int64_t i) {
     const int64_t pg = pages[kept[i]];
     for (int64_t t = 0; t < p.page_size; ++t) {
-      const char* kr = reinterpret_cast<const char*>(kc + pg * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head);
-      const char* vr = reinterpret_cast<const char*>(vc + pg * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head);
+      const T* kt = kc + pg * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head;
+      const T* vt = vc + pg * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head;
+      const char* kr = reinterpret_cast<const char*>(kt);
+      const char* vr = reinterpret_cast<const char*>(vt);
       for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) { prefetch(kr + o); prefetch(vr + o); }
     }
   };

@@ -192,7 +192,10 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(SparseParams s, Sparse
       const T* vr = vc + page * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head;
       float kx[E], vx[E];
 #pragma unroll
-      for (int e = 0; e < E; ++e) { kx[e] = cuda::load_elem(kr + lane + 32 * e); vx[e] = cuda::load_elem(vr + lane + 32 * e); }
+      for (int e = 0; e < E; ++e) {
+        kx[e] = cuda::load_elem(kr + lane + 32 * e);
+        vx[e] = cuda::load_elem(vr + lane + 32 * e);
+      }
 #pragma unroll
       for (int r = 0; r < G; ++r) {
         if (r >= ng) break;
@@ -264,7 +267,8 @@ cudaError_t launch(const SparseParams& s, const SparseCudaWork& w, cudaStream_t 
   select_kernel<<<(unsigned)(B * Hkv), kSelectThreads, 0, st>>>(s, w);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const dim3 grid((unsigned)(B * Hkv), (unsigned)w.n_split, (unsigned)((group + kCudaMaxGroupRows - 1) / kCudaMaxGroupRows));
+  const unsigned g_chunks = (unsigned)((group + kCudaMaxGroupRows - 1) / kCudaMaxGroupRows);
+  const dim3 grid((unsigned)(B * Hkv), (unsigned)w.n_split, g_chunks);
   attend_kernel<T, D><<<grid, kThreads, 0, st>>>(s, w);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
