@@ -16,6 +16,7 @@
 #include "common/checks.h"
 #include "common/cpu_dispatch.h"
 #include "common/dispatch.h"
+#include "ops/paged_attention/paged_checks.h"
 
 #if defined(TTSCALE_WITH_CUDA)
 #include <ATen/cuda/CUDAContext.h>
@@ -25,170 +26,18 @@
 #endif
 
 namespace ttscale {
+namespace sparse {
+// sparse_paged_attention.cpp: page summaries kept current by append_paged_kv and copy_pages
+void refresh_page_summaries(const at::Tensor& k_cache, at::Tensor& summaries, const std::vector<int64_t>& pages,
+                            const std::vector<int64_t>& lens);
+void check_page_summaries(const at::Tensor& summaries, const at::Tensor& k_cache);
+}  // namespace sparse
+
 namespace paged {
 namespace {
 
 using at::Tensor;
 
-bool capturing(const Tensor& t) {
-#if defined(TTSCALE_WITH_CUDA)
-  if (t.is_cuda()) return c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None;
-#endif
-  (void)t;
-  return false;
-}
-
-void check_int32_1d(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
-  check_device(t, name, ref, ref_name);
-  TT_CHECK(t.scalar_type() == at::kInt, name, " must be int32 (DESIGN.md page-table format), got ", t.scalar_type());
-  TT_CHECK(t.dim() == 1, name, " must be 1-D, got shape ", t.sizes());
-}
-
-// Validated shapes of a paged KV cache pair and its CSR page table. Values of the page table are
-// checked on a host copy (a device sync on CUDA; skipped while a CUDA graph is being captured).
-struct CacheInfo {
-  int64_t num_pages = 0, page_size = 0, Hkv = 0, D = 0, B = 0;
-  Tensor indptr, indices, last;  // host int32 copies (CPU: the tensors themselves, contiguous)
-};
-
-void check_cache_pair(const Tensor& k_cache, const Tensor& v_cache) {
-  check_dim(k_cache, "k_cache", 4, "[num_pages, page_size, num_kv_heads, head_dim]");
-  check_dim(v_cache, "v_cache", 4, "[num_pages, page_size, num_kv_heads, head_dim]");
-  check_float_dtype(k_cache, "k_cache");
-  TT_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "v_cache dtype (", v_cache.scalar_type(),
-           ") must match k_cache dtype (", k_cache.scalar_type(), ")");
-  check_device(v_cache, "v_cache", k_cache, "k_cache");
-  TT_CHECK(v_cache.size(3) == k_cache.size(3), "v_cache head_dim (", v_cache.size(3),
-           ") must match k_cache head_dim (", k_cache.size(3), ")");
-  TT_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache shape ", v_cache.sizes(), " must equal k_cache shape ",
-           k_cache.sizes());
-  check_last_dim_contiguous(k_cache, "k_cache");
-  check_last_dim_contiguous(v_cache, "v_cache");
-  TT_CHECK(k_cache.size(1) >= 1, "k_cache page_size (dim 1) must be >= 1, got ", k_cache.size(1));
-  TT_CHECK(k_cache.size(2) >= 1, "k_cache num_kv_heads (dim 2) must be >= 1, got ", k_cache.size(2));
-}
-
-CacheInfo validate_page_table(const Tensor& k_cache, const Tensor& kv_indptr, const Tensor& kv_indices,
-                              const Tensor& kv_last_page_len) {
-  CacheInfo ci;
-  ci.num_pages = k_cache.size(0);
-  ci.page_size = k_cache.size(1);
-  ci.Hkv = k_cache.size(2);
-  ci.D = k_cache.size(3);
-  check_int32_1d(kv_indptr, "kv_indptr", k_cache, "k_cache");
-  check_int32_1d(kv_indices, "kv_indices", k_cache, "k_cache");
-  check_int32_1d(kv_last_page_len, "kv_last_page_len", k_cache, "k_cache");
-  TT_CHECK(kv_indptr.size(0) >= 1, "kv_indptr must have B+1 >= 1 entries, got shape ", kv_indptr.sizes());
-  ci.B = kv_indptr.size(0) - 1;
-  TT_CHECK(kv_last_page_len.size(0) == ci.B, "kv_last_page_len must have one entry per sequence (B = ", ci.B,
-           ", from kv_indptr of length ", ci.B + 1, "), got shape ", kv_last_page_len.sizes());
-  ci.indptr = kv_indptr.to(at::kCPU).contiguous();
-  ci.indices = kv_indices.to(at::kCPU).contiguous();
-  ci.last = kv_last_page_len.to(at::kCPU).contiguous();
-  if (capturing(k_cache)) return ci;
-  const int32_t* ip = ci.indptr.data_ptr<int32_t>();
-  const int32_t* ix = ci.indices.data_ptr<int32_t>();
-  const int32_t* ll = ci.last.data_ptr<int32_t>();
-  const int64_t nnz = kv_indices.size(0);
-  TT_CHECK_VALUE(ip[0] == 0, "kv_indptr[0] must be 0, got ", ip[0]);
-  for (int64_t b = 0; b < ci.B; ++b)
-    TT_CHECK_VALUE(ip[b + 1] >= ip[b], "kv_indptr must be non-decreasing, but kv_indptr[", b + 1, "] = ", ip[b + 1],
-                   " < kv_indptr[", b, "] = ", ip[b]);
-  TT_CHECK_VALUE(ip[ci.B] == nnz, "kv_indptr must end at the number of page indices (kv_indices has ", nnz,
-                 " entries), got kv_indptr[", ci.B, "] = ", ip[ci.B]);
-  for (int64_t i = 0; i < nnz; ++i)
-    TT_CHECK_VALUE(ix[i] >= 0 && ix[i] < ci.num_pages, "kv_indices[", i, "] = ", ix[i],
-                   " is out of range: page indices must be in [0, num_pages = ", ci.num_pages, ")");
-  for (int64_t b = 0; b < ci.B; ++b) {
-    const bool empty = ip[b + 1] == ip[b];
-    TT_CHECK_VALUE(empty ? (ll[b] >= 0 && ll[b] <= ci.page_size) : (ll[b] >= 1 && ll[b] <= ci.page_size),
-                   "kv_last_page_len[", b, "] = ", ll[b], " must be in 1..page_size (", ci.page_size, ")",
-                   empty ? " (or 0 for a sequence with no pages)" : "");
-  }
-  return ci;
-}
-
-struct AttnInputs {
-  CacheInfo ci;
-  int64_t T = 0, Hq = 0;
-  Tensor qo;  // host int32 [B+1] (always materialised)
-};
-
-AttnInputs validate_paged_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
-                                    const Tensor& kv_indptr, const Tensor& kv_indices, const Tensor& kv_last_page_len,
-                                    const c10::optional<Tensor>& qo_indptr, double scale, int64_t window_left,
-                                    double softcap) {
-  AttnInputs in;
-  check_dim(q, "q", 3, "[num_tokens, num_qo_heads, head_dim]");
-  check_float_dtype(q, "q");
-  check_cache_pair(k_cache, v_cache);
-  check_device(k_cache, "k_cache", q, "q");
-  TT_CHECK(k_cache.scalar_type() == q.scalar_type(), "k_cache dtype (", k_cache.scalar_type(),
-           ") must match q dtype (", q.scalar_type(), ")");
-  TT_CHECK(q.size(2) == k_cache.size(3), "q head_dim (", q.size(2), ") must match k_cache/v_cache head_dim (",
-           k_cache.size(3), ")");
-  TT_CHECK(head_dim_supported(q.size(2)), "head_dim ", q.size(2), " is not supported; supported head dims: ",
-           TT_HEAD_DIMS_STR);
-  check_last_dim_contiguous(q, "q");
-  in.T = q.size(0);
-  in.Hq = q.size(1);
-  TT_CHECK(in.Hq >= 1 && in.Hq % k_cache.size(2) == 0, "q num_qo_heads (", in.Hq,
-           ") must be a positive multiple of the cache's num_kv_heads (", k_cache.size(2), ")");
-  TT_CHECK_VALUE(std::isfinite(scale), "scale must be finite, got ", scale);
-  TT_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be >= 0 (0 disables), got ", softcap);
-  TT_CHECK_VALUE(window_left >= -1, "window_left must be >= -1 (-1 disables), got ", window_left);
-  in.ci = validate_page_table(k_cache, kv_indptr, kv_indices, kv_last_page_len);
-  const int64_t B = in.ci.B;
-  if (qo_indptr) {
-    check_int32_1d(*qo_indptr, "qo_indptr", q, "q");
-    TT_CHECK(qo_indptr->size(0) == B + 1, "qo_indptr must have B+1 = ", B + 1,
-             " entries (one more than the sequences in kv_indptr), got shape ", qo_indptr->sizes());
-    in.qo = qo_indptr->to(at::kCPU).contiguous();
-    if (!capturing(q)) {
-      const int32_t* qp = in.qo.data_ptr<int32_t>();
-      TT_CHECK_VALUE(qp[0] == 0, "qo_indptr[0] must be 0, got ", qp[0]);
-      for (int64_t b = 0; b < B; ++b)
-        TT_CHECK_VALUE(qp[b + 1] >= qp[b], "qo_indptr must be non-decreasing, but qo_indptr[", b + 1, "] = ",
-                       qp[b + 1], " < qo_indptr[", b, "] = ", qp[b]);
-      TT_CHECK_VALUE(qp[B] == in.T, "qo_indptr must end at the number of query rows T = ", in.T,
-                     " (q.size(0)), got qo_indptr[", B, "] = ", qp[B]);
-    }
-  } else {
-    TT_CHECK(in.T == B, "without qo_indptr, q must have one row per sequence (decode): q has ", in.T,
-             " rows but kv_indptr describes ", B, " sequences; pass qo_indptr for several queries per sequence");
-    in.qo = at::arange(B + 1, at::TensorOptions().dtype(at::kInt));
-  }
-  return in;
-}
-
-PagedParams make_params(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const AttnInputs& in,
-                        bool causal, double scale, int64_t window_left, double softcap) {
-  PagedParams p;
-  p.q = q.data_ptr();
-  p.q_stride_t = q.stride(0);
-  p.q_stride_h = q.stride(1);
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  p.k_stride_page = k_cache.stride(0);
-  p.k_stride_tok = k_cache.stride(1);
-  p.k_stride_head = k_cache.stride(2);
-  p.v_stride_page = v_cache.stride(0);
-  p.v_stride_tok = v_cache.stride(1);
-  p.v_stride_head = v_cache.stride(2);
-  p.dtype = dtype_of(q.scalar_type());
-  p.B = in.ci.B;
-  p.T = in.T;
-  p.Hq = in.Hq;
-  p.Hkv = in.ci.Hkv;
-  p.D = in.ci.D;
-  p.page_size = in.ci.page_size;
-  p.num_pages = in.ci.num_pages;
-  p.causal = causal;
-  p.window_left = window_left;
-  p.scale = (float)scale;
-  p.softcap = (float)softcap;
-  return p;
-}
 
 template <typename T>
 void finalize_rows(const float* part, const float* part_lse, int64_t n_split, int64_t split_stride_rows, int64_t rows,
@@ -377,8 +226,10 @@ void merge_attention_states_inplace_cpu(Tensor out, Tensor lse, const Tensor& ou
 // positions[i] of sequence batch_indices[i]; with append_indptr the tokens of sequence b are
 // rows append_indptr[b]..append_indptr[b+1] and fill its last positions; with neither, one token
 // per sequence (N == B) goes to its last position.
+// valid[i]: tokens of page[i] that the page table says are written after the append (what its
+// summary must cover).
 struct AppendPlan {
-  std::vector<int64_t> page, off;
+  std::vector<int64_t> page, off, valid;
 };
 
 AppendPlan plan_append(const Tensor& k, const Tensor& v, const Tensor& k_cache, const Tensor& v_cache,
@@ -403,6 +254,7 @@ AppendPlan plan_append(const Tensor& k, const Tensor& v, const Tensor& k_cache, 
   AppendPlan plan;
   plan.page.resize(N);
   plan.off.resize(N);
+  plan.valid.resize(N);
   const int32_t* ip = ci.indptr.data_ptr<int32_t>();
   const int32_t* ix = ci.indices.data_ptr<int32_t>();
   const int32_t* ll = ci.last.data_ptr<int32_t>();
@@ -451,16 +303,41 @@ AppendPlan plan_append(const Tensor& k, const Tensor& v, const Tensor& k_cache, 
                    " has ", len, " tokens in the page table (which must describe the sequences after the append)");
     plan.page[i] = ix[ip[bi[i]] + pos[i] / ci.page_size];
     plan.off[i] = pos[i] % ci.page_size;
+    plan.valid[i] = std::min<int64_t>(ci.page_size, len - (pos[i] / ci.page_size) * ci.page_size);
   }
   return plan;
+}
+
+// Page summaries (sparse_paged_attention.h) of the pages an append wrote: each touched page is
+// re-summarised over its valid tokens (the page table after the append), so the summaries equal
+// update_page_summaries on those pages bit for bit (a partly filled last page included; the cost is
+// one read of each touched page). A page touched with different valid lengths keeps the largest.
+void refresh_appended_summaries(const Tensor& k_cache, const c10::optional<Tensor>& summaries,
+                                const AppendPlan& plan) {
+  if (!summaries) return;
+  std::vector<std::pair<int64_t, int64_t>> touched;
+  for (size_t i = 0; i < plan.page.size(); ++i) touched.emplace_back(plan.page[i], plan.valid[i]);
+  std::sort(touched.begin(), touched.end());
+  std::vector<int64_t> pages, lens;
+  for (const auto& t : touched) {
+    if (!pages.empty() && pages.back() == t.first) lens.back() = t.second;  // sorted: the largest comes last
+    else { pages.push_back(t.first); lens.push_back(t.second); }
+  }
+  Tensor s = *summaries;
+  sparse::refresh_page_summaries(k_cache, s, pages, lens);
+}
+
+void check_optional_summaries(const c10::optional<Tensor>& summaries, const Tensor& k_cache) {
+  if (summaries) sparse::check_page_summaries(*summaries, k_cache);
 }
 
 void append_paged_kv_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache, const Tensor& kv_indptr,
                          const Tensor& kv_indices, const Tensor& kv_last_page_len,
                          const c10::optional<Tensor>& batch_indices, const c10::optional<Tensor>& positions,
-                         const c10::optional<Tensor>& append_indptr) {
+                         const c10::optional<Tensor>& append_indptr, const c10::optional<Tensor>& summaries) {
   const AppendPlan plan = plan_append(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices,
                                       positions, append_indptr);
+  check_optional_summaries(summaries, k_cache);
   const int64_t N = k.size(0), H = k.size(1), D = k.size(2), es = k.element_size();
   for (int pass = 0; pass < 2; ++pass) {
     const Tensor& src = pass == 0 ? k : v;
@@ -472,6 +349,7 @@ void append_paged_kv_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
         std::memcpy(dp + (plan.page[i] * dst.stride(0) + plan.off[i] * dst.stride(1) + h * dst.stride(2)) * es,
                     sp + (i * src.stride(0) + h * src.stride(1)) * es, D * es);
   }
+  refresh_appended_summaries(k_cache, summaries, plan);
 }
 
 std::pair<Tensor, Tensor> validate_copy_pages(const Tensor& k_cache, const Tensor& v_cache, const Tensor& src,
@@ -502,12 +380,17 @@ std::pair<Tensor, Tensor> validate_copy_pages(const Tensor& k_cache, const Tenso
   return {sh, dh};
 }
 
-void copy_pages_cpu(Tensor k_cache, Tensor v_cache, const Tensor& src, const Tensor& dst) {
+// With summaries, a copied page's summary is copied too (the copy holds the same keys).
+void copy_pages_cpu(Tensor k_cache, Tensor v_cache, const Tensor& src, const Tensor& dst,
+                    const c10::optional<Tensor>& summaries) {
   const auto sd = validate_copy_pages(k_cache, v_cache, src, dst);
+  check_optional_summaries(summaries, k_cache);
   const int64_t n = src.size(0);
   const int64_t* s = sd.first.data_ptr<int64_t>();
   const int64_t* d = sd.second.data_ptr<int64_t>();
-  for (Tensor* c : {&k_cache, &v_cache}) {
+  Tensor sm = summaries ? *summaries : Tensor();
+  for (Tensor* c : {&k_cache, &v_cache, &sm}) {
+    if (!c->defined()) continue;
     for (int64_t i = 0; i < n; ++i) c->select(0, d[i]).copy_(c->select(0, s[i]));
   }
 }
@@ -526,8 +409,8 @@ TORCH_LIBRARY_FRAGMENT(ttscale, m) {
   m.def(
       "append_paged_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor kv_indptr, "
       "Tensor kv_indices, Tensor kv_last_page_len, Tensor? batch_indices, Tensor? positions, "
-      "Tensor? append_indptr) -> ()");
-  m.def("copy_pages(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor src, Tensor dst) -> ()");
+      "Tensor? append_indptr, Tensor(c!)? summaries=None) -> ()");
+  m.def("copy_pages(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor src, Tensor dst, Tensor(c!)? summaries=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ttscale, CPU, m) {
@@ -652,11 +535,12 @@ void merge_attention_states_inplace_cuda_impl(Tensor out, Tensor lse, const Tens
 void append_paged_kv_cuda_impl(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache,
                                const Tensor& kv_indptr, const Tensor& kv_indices, const Tensor& kv_last_page_len,
                                const c10::optional<Tensor>& batch_indices, const c10::optional<Tensor>& positions,
-                               const c10::optional<Tensor>& append_indptr) {
+                               const c10::optional<Tensor>& append_indptr, const c10::optional<Tensor>& summaries) {
   TT_CHECK(!capturing(k_cache), "append_paged_kv: CUDA graph capture is not supported yet (destinations are "
            "validated on the host)");
   const AppendPlan plan = plan_append(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices,
                                       positions, append_indptr);
+  check_optional_summaries(summaries, k_cache);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const int64_t N = k.size(0);
   if (N == 0) return;
@@ -675,12 +559,19 @@ void append_paged_kv_cuda_impl(const Tensor& k, const Tensor& v, Tensor k_cache,
   p.N = N; p.H = k.size(1); p.D = k.size(2);
   p.elem_size = (int)k.element_size();
   check_launch(append_paged_kv_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "append_paged_kv");
+  refresh_appended_summaries(k_cache, summaries, plan);
 }
 
-void copy_pages_cuda_impl(Tensor k_cache, Tensor v_cache, const Tensor& src, const Tensor& dst) {
+void copy_pages_cuda_impl(Tensor k_cache, Tensor v_cache, const Tensor& src, const Tensor& dst,
+                          const c10::optional<Tensor>& summaries) {
   const auto sd = validate_copy_pages(k_cache, v_cache, src, dst);
+  check_optional_summaries(summaries, k_cache);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   if (src.size(0) == 0) return;
+  if (summaries) {
+    const Tensor s_d = sd.first.to(k_cache.device()), d_d = sd.second.to(k_cache.device());
+    summaries->index_copy_(0, d_d, summaries->index_select(0, s_d));
+  }
   const Tensor s = sd.first.to(k_cache.device()), d = sd.second.to(k_cache.device());
   for (Tensor* c : {&k_cache, &v_cache}) {
     CopyPagesCudaParams p;

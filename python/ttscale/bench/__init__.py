@@ -12,4 +12,5 @@ SUITES = {
     "attention_decode": "ttscale.bench.attention_decode",
     "quant": "ttscale.bench.quant",
     "engine": "ttscale.bench.engine",
+    "sparse": "ttscale.bench.sparse",
 }

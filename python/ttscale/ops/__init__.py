@@ -9,6 +9,7 @@ from .paged_attention import (
 )
 from .quant_matmul import QuantizedWeight, dequantize, quant_matmul, quantize, unpack
 from .sampling import sample, sample_from_probs, speculative_verify, token_logprobs
+from .sparse_paged_attention import attention_mass, new_page_summaries, sparse_paged_attention, update_page_summaries
 
 __all__ = [
     "sample",
@@ -21,6 +22,10 @@ __all__ = [
     "merge_attention_states_",
     "append_paged_kv",
     "copy_pages",
+    "new_page_summaries",
+    "update_page_summaries",
+    "sparse_paged_attention",
+    "attention_mass",
     "QuantizedWeight",
     "quantize",
     "dequantize",

@@ -97,6 +97,7 @@ def append_paged_kv(
     batch_indices: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
     append_indptr: Optional[torch.Tensor] = None,
+    summaries: Optional[torch.Tensor] = None,
 ) -> None:
     """Write new tokens' keys and values ``k, v [N, Hkv, D]`` into their pages, in place.
 
@@ -111,15 +112,22 @@ def append_paged_kv(
 
     Positions are validated against the page table (ValueError naming the bad entry); duplicate
     destinations are allowed and the later token wins on CPU (unspecified order on CUDA).
+
+    ``summaries`` (optional, ``[num_pages, 3, Hkv, D]`` from :func:`ttscale.ops.new_page_summaries`):
+    every page written to is re-summarised, in place, over the tokens the page table gives it (a
+    partly filled last page only over its written tokens), so sparse decode sees current summaries.
     """
     torch.ops.ttscale.append_paged_kv(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices,
-                                      positions, append_indptr)
+                                      positions, append_indptr, summaries)
 
 
-def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, *,
+               summaries: Optional[torch.Tensor] = None) -> None:
     """Copy whole pages ``src[i] -> dst[i]`` in both caches, in place (copy-on-write when a branch
-    forks mid-page). ``src, dst [P]`` int32/int64; destinations must be distinct and must not be sources."""
-    torch.ops.ttscale.copy_pages(k_cache, v_cache, src, dst)
+    forks mid-page). ``src, dst [P]`` int32/int64; destinations must be distinct and must not be sources.
+    With ``summaries`` (page key summaries, :func:`ttscale.ops.new_page_summaries`) the copied pages'
+    summaries are copied too; later appends to the copy re-summarise it (``append_paged_kv``)."""
+    torch.ops.ttscale.copy_pages(k_cache, v_cache, src, dst, summaries)
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -150,10 +158,10 @@ def _merge_inplace_fake(out, lse, out_other, lse_other):
 
 @torch.library.register_fake("ttscale::append_paged_kv")
 def _append_fake(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices, positions,
-                 append_indptr):
+                 append_indptr, summaries=None):
     return None
 
 
 @torch.library.register_fake("ttscale::copy_pages")
-def _copy_pages_fake(k_cache, v_cache, src, dst):
+def _copy_pages_fake(k_cache, v_cache, src, dst, summaries=None):
     return None

@@ -1,0 +1,287 @@
+// Per-ISA CPU kernels of page summaries, Quest page scoring, attention over a kept page list and
+// per-page log-sum-exp (compiled once per ISA; see common/cpu_simd.h). Formats and schedule:
+// sparse_paged_attention.h. Torch-free.
+#include "ops/sparse_paged_attention/sparse_paged_attention.h"
+#include "common/attention_math.h"
+#include "common/cpu_simd.h"
+#include "common/dispatch.h"
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace ttscale {
+namespace cpu {
+namespace TTSCALE_CPU_ISA {
+namespace {
+
+using sparse::CpuKernels;
+using sparse::kKeyChunk;
+using sparse::SparseParams;
+using sparse::SummaryParams;
+
+inline void prefetch(const void* ptr) {
+#if defined(__GNUC__)
+  __builtin_prefetch(ptr, 0, 3);
+#else
+  (void)ptr;
+#endif
+}
+
+constexpr int64_t kScoreAhead = 8;   // scoring: prefetch distance in pages
+constexpr int64_t kAttendAhead = 3;  // attention: prefetch distance in kept pages
+
+// ---------------------------------------------------------------- summaries
+template <typename T>
+void summarize_t(const SummaryParams& sp, int64_t i0, int64_t i1) {
+  const T* kc = static_cast<const T*>(sp.k_cache);
+  T* sc = static_cast<T*>(sp.summaries);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t page = sp.pages[i], n = sp.lens[i];
+    for (int64_t h = 0; h < sp.Hkv; ++h) {
+      const T* k0 = kc + page * sp.k_stride_page + h * sp.k_stride_head;
+      T* base = sc + page * sp.s_stride_page + h * sp.s_stride_head;
+      for (int64_t d = 0; d < sp.D; ++d)
+        sparse::summarize_elem<T>(k0, sp.k_stride_tok, n, d, base + sparse::kMin * sp.s_stride_kind,
+                                  base + sparse::kMax * sp.s_stride_kind, base + sparse::kMean * sp.s_stride_kind);
+    }
+  }
+}
+
+void summarize(const SummaryParams& sp, int64_t i0, int64_t i1) {
+  TT_DISPATCH_FLOAT(sp.dtype, T, summarize_t<T>(sp, i0, i1))
+}
+
+// ---------------------------------------------------------------- scoring
+// max(q*mn, q*mx) = max(q, 0) * mx + min(q, 0) * mn for mn <= mx, so the Quest bound of a query
+// head is one dot product of [q+, q-] with [mx, mn]: 2 FMAs per element, no compare. Heads go by
+// 4 (8 accumulators: 2 summary loads + 8 FMAs per step); rows past the group alias row 0.
+template <typename T, int D>
+void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* scores) {
+  const paged::PagedParams& p = s.p;
+  const int64_t Hq = p.Hq, Hkv = p.Hkv, group = Hq / Hkv;
+  std::vector<float> qsplit((size_t)Hq * 2 * D);  // per query head: [q+ (D) | q- (D)]
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_t;
+  for (int64_t hq = h0 * group; hq < h1 * group; ++hq) {
+    float* dst = qsplit.data() + hq * 2 * D;
+    for (int d = 0; d < D; ++d) {
+      const float x = to_float(qb[hq * p.q_stride_h + d]);
+      dst[d] = x > 0.0f ? x : 0.0f;
+      dst[D + d] = x < 0.0f ? x : 0.0f;
+    }
+  }
+  const T* sc = static_cast<const T*>(s.summaries);
+  const int32_t* pages = p.kv_indices + p.kv_indptr[b];
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* base = sc + (int64_t)pages[j] * s.s_stride_page;
+    if (j + kScoreAhead < j1) {  // pages are scattered: prefetch the rows kScoreAhead pages ahead
+      const char* nb = reinterpret_cast<const char*>(sc + (int64_t)pages[j + kScoreAhead] * s.s_stride_page);
+      for (int k = sparse::kMin; k <= sparse::kMax; ++k)
+        for (int64_t h = h0; h < h1; ++h) {
+          const char* row = nb + (k * s.s_stride_kind + h * s.s_stride_head) * (int64_t)sizeof(T);
+          for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) prefetch(row + o);
+        }
+    }
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* mn = base + sparse::kMin * s.s_stride_kind + h * s.s_stride_head;
+      const T* mx = base + sparse::kMax * s.s_stride_kind + h * s.s_stride_head;
+      float best = -INFINITY;
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const float* q[4];
+        for (int r = 0; r < 4; ++r) q[r] = qsplit.data() + (h * group + (g0 + r < group ? g0 + r : g0)) * 2 * D;
+        VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int d = 0; d < D; d += W) {
+          const VF xl = load(mn + d), xh = load(mx + d);
+          a0 = fmadd(load(q[0] + d), xh, a0); a1 = fmadd(load(q[0] + D + d), xl, a1);
+          a2 = fmadd(load(q[1] + d), xh, a2); a3 = fmadd(load(q[1] + D + d), xl, a3);
+          a4 = fmadd(load(q[2] + d), xh, a4); a5 = fmadd(load(q[2] + D + d), xl, a5);
+          a6 = fmadd(load(q[3] + d), xh, a6); a7 = fmadd(load(q[3] + D + d), xl, a7);
+        }
+        const float v[4] = {hsum(add(a0, a1)), hsum(add(a2, a3)), hsum(add(a4, a5)), hsum(add(a6, a7))};
+        for (int r = 0; r < 4 && g0 + r < group; ++r) best = v[r] > best ? v[r] : best;
+      }
+      scores[(j - j0) * Hkv + h] = best;
+    }
+  }
+}
+
+void score(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* scores) {
+  TT_DISPATCH_FLOAT(s.p.dtype, T, TT_DISPATCH_HEAD_DIM(s.p.D, D, score_t<T, D>(s, b, h0, h1, j0, j1, scores)))
+}
+
+// ---------------------------------------------------------------- attention over kept pages
+// S[r][j] = q_r . k_j for 4 rows x nk keys, 2 keys at a time (8 accumulators).
+template <typename T, int D>
+inline void dot_tile(const float* const* q, const T* const* kp, int nk, float (*S)[kKeyChunk]) {
+  for (int j = 0; j < nk; j += 2) {
+    const T* k0 = kp[j];
+    const T* k1 = kp[j + 1 < nk ? j + 1 : j];
+    VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    for (int d = 0; d < D; d += W) {
+      const VF x0 = load(k0 + d), x1 = load(k1 + d);
+      VF y = load(q[0] + d); a0 = fmadd(y, x0, a0); a1 = fmadd(y, x1, a1);
+      y = load(q[1] + d); a2 = fmadd(y, x0, a2); a3 = fmadd(y, x1, a3);
+      y = load(q[2] + d); a4 = fmadd(y, x0, a4); a5 = fmadd(y, x1, a5);
+      y = load(q[3] + d); a6 = fmadd(y, x0, a6); a7 = fmadd(y, x1, a7);
+    }
+    S[0][j] = hsum(a0); S[1][j] = hsum(a2); S[2][j] = hsum(a4); S[3][j] = hsum(a6);
+    if (j + 1 < nk) { S[0][j + 1] = hsum(a1); S[1][j + 1] = hsum(a3); S[2][j + 1] = hsum(a5); S[3][j + 1] = hsum(a7); }
+  }
+}
+
+// O_r += sum_j P[r][j] v_j for 4 rows, 2 vectors of D at a time.
+template <typename T, int D>
+inline void pv_tile(float* const* o, const float (*P)[kKeyChunk], const T* const* vp, int nk) {
+  for (int d = 0; d < D; d += 2 * W) {
+    VF c0 = load(o[0] + d), c1 = load(o[0] + d + W), c2 = load(o[1] + d), c3 = load(o[1] + d + W);
+    VF c4 = load(o[2] + d), c5 = load(o[2] + d + W), c6 = load(o[3] + d), c7 = load(o[3] + d + W);
+    for (int j = 0; j < nk; ++j) {
+      const VF x0 = load(vp[j] + d), x1 = load(vp[j] + d + W);
+      VF w = set1(P[0][j]); c0 = fmadd(w, x0, c0); c1 = fmadd(w, x1, c1);
+      w = set1(P[1][j]); c2 = fmadd(w, x0, c2); c3 = fmadd(w, x1, c3);
+      w = set1(P[2][j]); c4 = fmadd(w, x0, c4); c5 = fmadd(w, x1, c5);
+      w = set1(P[3][j]); c6 = fmadd(w, x0, c6); c7 = fmadd(w, x1, c7);
+    }
+    store(o[0] + d, c0); store(o[0] + d + W, c1); store(o[1] + d, c2); store(o[1] + d + W, c3);
+    store(o[2] + d, c4); store(o[2] + d + W, c5); store(o[3] + d, c6); store(o[3] + d + W, c7);
+  }
+}
+
+template <typename T, int D>
+void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, int64_t n, float* out, float* lse) {
+  const paged::PagedParams& p = s.p;
+  const int64_t group = p.Hq / p.Hkv;
+  const int64_t tiles = (group + 3) / 4;
+  const int64_t rows = tiles * 4;  // padded: dummy rows compute garbage that is never read
+  std::vector<float> qf((size_t)rows * D, 0.0f), acc((size_t)rows * D, 0.0f), m(rows, -INFINITY), l(rows, 0.0f);
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_t + h * group * p.q_stride_h;
+  for (int64_t g = 0; g < group; ++g)
+    for (int d = 0; d < D; ++d) qf[g * D + d] = to_float(qb[g * p.q_stride_h + d]) * p.scale;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  const int32_t* pages = p.kv_indices + p.kv_indptr[b];
+  const int64_t np = (int64_t)p.kv_indptr[b + 1] - p.kv_indptr[b];
+  const int64_t last = p.kv_last_page_len[b];
+  const T* kp[kKeyChunk];
+  const T* vp[kKeyChunk];
+  alignas(64) float S[4][kKeyChunk];
+  int nk = 0;
+
+  auto flush = [&]() {
+    for (int64_t t = 0; t < tiles; ++t) {
+      const float* qr[4];
+      float* orow[4];
+      for (int r = 0; r < 4; ++r) { qr[r] = qf.data() + (t * 4 + r) * D; orow[r] = acc.data() + (t * 4 + r) * D; }
+      dot_tile<T, D>(qr, kp, nk, S);
+      for (int r = 0; r < 4; ++r) {
+        float* sr = S[r];
+        float bm = -INFINITY;
+        for (int j = 0; j < nk; ++j) bm = sr[j] > bm ? sr[j] : bm;
+        attn::OnlineSoftmax os{m[t * 4 + r], l[t * 4 + r]};
+        const float alpha = os.rescale_to(bm);
+        if (alpha != 1.0f) {
+          const VF va = set1(alpha);
+          for (int d = 0; d < D; d += W) store(orow[r] + d, mul(load(orow[r] + d), va));
+        }
+        const int nkw = (nk + W - 1) / W * W;
+        for (int j = nk; j < nkw; ++j) sr[j] = -INFINITY;  // exp -> 0
+        const VF vm = set1(os.m);
+        VF sum = set1(0.0f);
+        for (int j = 0; j < nkw; j += W) {
+          const VF e = exp(sub(load(sr + j), vm));
+          store(sr + j, e);
+          sum = add(sum, e);
+        }
+        os.l += hsum(sum);
+        m[t * 4 + r] = os.m;
+        l[t * 4 + r] = os.l;
+      }
+      pv_tile<T, D>(orow, S, vp, nk);
+    }
+    nk = 0;
+  };
+
+  // the rows of one head are D elements at a stride of Hkv * D: the hardware prefetchers follow
+  // neither that nor the page-table jumps, so the rows of the page kAttendAhead pages ahead are
+  // requested explicitly
+  auto prefetch_page = [&](int64_t i) {
+    const int64_t pg = pages[kept[i]];
+    for (int64_t t = 0; t < p.page_size; ++t) {
+      const T* kt = kc + pg * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head;
+      const T* vt = vc + pg * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head;
+      const char* kr = reinterpret_cast<const char*>(kt);
+      const char* vr = reinterpret_cast<const char*>(vt);
+      for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) { prefetch(kr + o); prefetch(vr + o); }
+    }
+  };
+  for (int64_t i = 0; i < n && i < kAttendAhead; ++i) prefetch_page(i);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = kept[i];
+    const int64_t page = pages[j];
+    const int64_t ntok = sparse::page_tokens(j, np, last, p.page_size);
+    if (i + kAttendAhead < n) prefetch_page(i + kAttendAhead);
+    for (int64_t t = 0; t < ntok; ++t) {
+      kp[nk] = kc + page * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head;
+      vp[nk] = vc + page * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head;
+      if (++nk == kKeyChunk) flush();
+    }
+  }
+  if (nk > 0) flush();
+  for (int64_t g = 0; g < group; ++g) {
+    if (l[g] > 0.0f) {
+      const float inv = 1.0f / l[g];
+      for (int d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
+      lse[g] = m[g] + std::log(l[g]);
+    } else {
+      for (int d = 0; d < D; ++d) out[g * D + d] = 0.0f;
+      lse[g] = -INFINITY;
+    }
+  }
+}
+
+void attend(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, int64_t n, float* out, float* lse) {
+  TT_DISPATCH_FLOAT(s.p.dtype, T, TT_DISPATCH_HEAD_DIM(s.p.D, D, attend_t<T, D>(s, b, h, kept, n, out, lse)))
+}
+
+// ---------------------------------------------------------------- per-page log-sum-exp
+template <typename T, int D>
+void page_lse_t(const paged::PagedParams& p, int64_t b, int64_t h, float* plse) {
+  const int64_t group = p.Hq / p.Hkv;
+  std::vector<float> qf((size_t)group * D), sv(p.page_size);
+  const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_t + h * group * p.q_stride_h;
+  for (int64_t g = 0; g < group; ++g)
+    for (int d = 0; d < D; ++d) qf[g * D + d] = to_float(qb[g * p.q_stride_h + d]) * p.scale;
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const int32_t* pages = p.kv_indices + p.kv_indptr[b];
+  const int64_t np = (int64_t)p.kv_indptr[b + 1] - p.kv_indptr[b];
+  for (int64_t j = 0; j < np; ++j) {
+    const int64_t ntok = sparse::page_tokens(j, np, p.kv_last_page_len[b], p.page_size);
+    for (int64_t g = 0; g < group; ++g) {
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < ntok; ++t) {
+        const T* k = kc + (int64_t)pages[j] * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head;
+        VF a = set1(0.0f);
+        for (int d = 0; d < D; d += W) a = fmadd(load(qf.data() + g * D + d), load(k + d), a);
+        sv[t] = hsum(a);
+        mx = sv[t] > mx ? sv[t] : mx;
+      }
+      float sum = 0.0f;
+      for (int64_t t = 0; t < ntok; ++t) sum += std::exp(sv[t] - mx);
+      plse[j * group + g] = ntok > 0 ? mx + std::log(sum) : -INFINITY;
+    }
+  }
+}
+
+void page_lse(const paged::PagedParams& p, int64_t b, int64_t h, float* plse) {
+  TT_DISPATCH_FLOAT(p.dtype, T, TT_DISPATCH_HEAD_DIM(p.D, D, page_lse_t<T, D>(p, b, h, plse)))
+}
+
+const CpuKernels kKernels = {summarize, score, attend, page_lse};
+
+}  // namespace
+
+const CpuKernels* sparse_kernels() { return &kKernels; }
+
+}  // namespace TTSCALE_CPU_ISA
+}  // namespace cpu
+}  // namespace ttscale
