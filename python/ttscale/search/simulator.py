@@ -77,8 +77,9 @@ class SimProblem:
 
 
 def sim_problems(n: int, seed: int = 0, *, steps: Tuple[int, int] = (3, 8), p: Tuple[float, float] = (0.6, 0.95),
-                 step_tokens: Tuple[int, int] = (4, 12)) -> List[SimProblem]:
-    """A held-out set of problems of mixed difficulty (steps and per-step accuracy drawn uniformly)."""
+                 step_tokens: Tuple[int, int] = (4, 12), prompt_tokens: Tuple[int, int] = (24, 24)) -> List[SimProblem]:
+    """A held-out set of problems of mixed difficulty (steps, per-step accuracy and prompt length drawn
+    uniformly from the given inclusive ranges; 2-4 distractors with Dirichlet-drawn frequencies)."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -87,7 +88,8 @@ def sim_problems(n: int, seed: int = 0, *, steps: Tuple[int, int] = (3, 8), p: T
         out.append(SimProblem(num_steps=int(rng.integers(steps[0], steps[1] + 1)), p_step=float(rng.uniform(*p)),
                               answer=str(i * 10 + 9), distractors=tuple(str(i * 10 + j) for j in range(k)),
                               distractor_probs=tuple(float(x) for x in probs / probs.sum()),
-                              step_tokens=step_tokens))
+                              step_tokens=step_tokens,
+                              prompt_tokens=int(rng.integers(prompt_tokens[0], prompt_tokens[1] + 1))))
     return out
 
 
