@@ -132,3 +132,23 @@ def test_adapter_rejects_bad_use():
         gen.extend([root], seed=0)
     with pytest.raises(ValueError, match="one token"):
         PRMVerifier(FakePRM(eng.tokenizer), eng.tokenizer, step_delimiter="\n\n")
+
+
+def test_bench_search_runs_on_the_engine_api():
+    from ttscale.bench.search import run_bench
+
+    class P:
+        prompt, answer = PROMPT, "7"
+
+    eng = FakeEngine(difficulty=3.0)
+    rows = run_bench(eng, PRMVerifier(FakePRM(eng.tokenizer), eng.tokenizer), [P(), P()],
+                     prompt_of=lambda p: p.prompt, is_correct=lambda p, a: a == p.answer, width=4, beam_width=2,
+                     max_step_tokens=16, max_new_tokens=64)
+    assert [(r["strategy"], r["mode"]) for r in rows] == [("beam", "fork"), ("beam", "reprefill"),
+                                                         ("rebase", "fork"), ("rebase", "reprefill")]
+    for fork, rep in zip(rows[::2], rows[1::2]):
+        assert fork["prefill_tokens"] < rep["prefill_tokens"] and rep["forks"] == 0
+        assert fork["speedup_wall_s"] is not None and 0 <= fork["accuracy"] <= 1
+        # the fake engine samples from (seed, batch slot, position): both modes run the same search
+        assert fork["gen_tokens"] == rep["gen_tokens"] and fork["accuracy"] == rep["accuracy"]
+    assert not eng.live and eng.live_pages() == 0

@@ -11,4 +11,5 @@ SUITES = {
     "attention_prefill": "ttscale.bench.attention_prefill",
     "attention_decode": "ttscale.bench.attention_decode",
     "quant": "ttscale.bench.quant",
+    "search": "ttscale.bench.search",
 }
