@@ -320,3 +320,13 @@ def test_bad_arguments():
         gen.release([node])
     with pytest.raises(ValueError, match="p_step"):
         SimProblem(p_step=1.5)
+
+
+def test_meter_peak_pages_is_the_pool_peak_of_the_search():
+    # a fresh simulator per search: the meter's peak must be the pool's true peak (tracked per page
+    # allocation), for a strategy that branches and prunes
+    prob = SimProblem(num_steps=5, p_step=0.8, prompt_tokens=40)
+    gen = SimGenerator(prob, page_size=4)
+    res = Rebase().run(gen, prob.prompt, Budget(n=9), SimPRM(), seed=1)
+    assert res.meter.peak_kv_pages == gen.stats().peak_pages
+    assert max(e.live_pages for e in res.trace) <= res.meter.peak_kv_pages

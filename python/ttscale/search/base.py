@@ -184,7 +184,12 @@ class Meter:
         self.verifier_tokens = v.tokens - v0.tokens
         self.verifier_calls = v.calls - v0.calls
         self.flops = (g.flops - g0.flops) + (v.flops - v0.flops)
-        self.peak_kv_pages = max(self.peak_kv_pages, g.live_pages if g.live_pages is not None else g.peak_pages)
+        # the generator's lifetime peak is this search's peak once the search exceeded it; otherwise the
+        # most pages seen live at a sync (each depth) is the best estimate
+        if g.live_pages is not None:
+            self.peak_kv_pages = max(self.peak_kv_pages, g.live_pages)
+        if g.peak_pages > g0.peak_pages or g.live_pages is None:
+            self.peak_kv_pages = max(self.peak_kv_pages, g.peak_pages)
         self.wall_s = time.perf_counter() - self._t0
         return self
 
