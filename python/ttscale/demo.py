@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--difficulty", type=int, default=None, help="task difficulty (engine backend)")
     ap.add_argument("--max-step-tokens", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--prm-noise", type=float, default=1.5, help="simulator PRM noise (std of the logit noise)")
+    ap.add_argument("--prm-noise", type=float, default=2.5, help="simulator PRM noise (std of the logit noise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="ttscale_demo.png", help="PNG path ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
