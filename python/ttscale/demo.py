@@ -59,47 +59,36 @@ class SimBackend:
 
 
 class EngineBackend:
-    """The built-in policy and PRM on the built-in task. Raises ImportError when this build has no
-    engine or task yet (the caller falls back to the simulator)."""
+    """The built-in policy and PRM (or local checkpoints) on the built-in task. Raises ImportError /
+    FileNotFoundError when this build has no engine, task or built-in checkpoints (the caller falls
+    back to the simulator)."""
     name = "engine"
 
     def __init__(self, args) -> None:
         import ttscale.engine as engine_mod
         from ttscale import tasks
-        from ttscale.search.engine_adapter import EngineGenerator, PRMVerifier
+        from ttscale.search.engine_adapter import EngineGenerator, PRMVerifier, load_engine_and_prm
 
-        loader = getattr(engine_mod, "load_builtin", None)
-        if loader is None:
-            raise ImportError("ttscale.engine.load_builtin is not available in this build")
-        built = loader(args.model) if args.model else loader()
-        self.engine, prm = _unpack_builtin(built)
+        self.engine, prm = load_engine_and_prm(args.model, args.prm)
         self.tasks = tasks
         self.problems = tasks.generate_problems(args.problems, seed=HELDOUT_SEED + args.seed,
                                                 **({"difficulty": args.difficulty} if args.difficulty else {}))
-        sampling = engine_mod.SamplingParams(temperature=args.temperature) if hasattr(engine_mod, "SamplingParams") else None
         delim = getattr(tasks, "STEP_DELIMITER", "\n")
         self.gen = EngineGenerator(self.engine, step_delimiter=delim, max_step_tokens=args.max_step_tokens,
-                                   max_new_tokens=args.max_new_tokens, sampling=sampling,
+                                   max_new_tokens=args.max_new_tokens,
+                                   sampling=engine_mod.SamplingParams(temperature=args.temperature),
                                    extract_answer=tasks.extract_answer)
-        self.prm = PRMVerifier(prm, self.engine.tokenizer, step_delimiter=delim) if prm is not None else None
+        self.prm = PRMVerifier(prm, self.engine.tokenizer, step_delimiter=delim)
         self.args = args
 
     def describe(self) -> str:
-        src = self.args.model or "built-in checkpoint"
-        return f"engine ({src}) + PRM, {len(self.problems)} held-out problems of the built-in task"
+        src = self.args.model or "built-in policy"
+        return f"engine ({src}) + PRM ({self.args.prm or 'built-in'}), {len(self.problems)} held-out problems"
 
     def instance(self, i: int) -> Instance:
         p = self.problems[i]
         return Instance(p.prompt, self.gen, self.prm,
                         lambda a, p=p: a is not None and str(a).strip() == str(p.answer))
-
-
-def _unpack_builtin(built) -> tuple:
-    """(engine, prm model) from what load_builtin returns: a tuple, or an object with .engine/.prm."""
-    if isinstance(built, tuple):
-        return built[0], (built[1] if len(built) > 1 else None)
-    eng = getattr(built, "engine", built)
-    return eng, getattr(built, "prm", None)
 
 
 def make_strategy(name: str, args):
@@ -218,7 +207,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ttscale demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--simulate", action="store_true", help="use the model-free simulator")
-    ap.add_argument("--model", default=None, help="local checkpoint directory (default: the built-in one)")
+    ap.add_argument("--model", default=None, help="local policy checkpoint directory (default: the built-in one)")
+    ap.add_argument("--prm", default=None, help="local PRM checkpoint directory, same tokenizer as the policy "
+                    "(default: the built-in PRM)")
     ap.add_argument("--problems", type=int, default=None, help="held-out problems (default 40 simulated, 16 engine)")
     ap.add_argument("--max-budget", type=int, default=None, help="budgets 1, 2, 4, ... up to this "
                     "(default 64 simulated, 16 engine)")
@@ -246,7 +237,7 @@ def main(argv=None) -> int:
                 if getattr(args, k) is None:
                     setattr(args, k, v)
             backend = EngineBackend(args)
-        except ImportError as e:
+        except (ImportError, FileNotFoundError) as e:
             print(f"ttscale demo: the built-in engine/task is not available ({e}); running the model-free "
                   "simulator instead (--simulate).", file=sys.stderr)
             args.problems = args.max_budget = None

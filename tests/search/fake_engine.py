@@ -93,6 +93,14 @@ class FakeEngine:
     def live_pages(self) -> int:
         return len(self._ref)
 
+    @property
+    def pool(self):  # the real engine's KVPool exposes the pages in use as pool.num_used
+        eng = self
+
+        class _Pool:
+            num_used = len(eng._ref)
+        return _Pool()
+
     def _check(self, n: FakeNode) -> FakeNode:
         if not isinstance(n, FakeNode) or not n.alive:
             raise RuntimeError(f"FakeEngine: node {getattr(n, 'id', n)} is released or foreign")

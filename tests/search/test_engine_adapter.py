@@ -152,3 +152,12 @@ def test_bench_search_runs_on_the_engine_api():
         # the fake engine samples from (seed, batch slot, position): both modes run the same search
         assert fork["gen_tokens"] == rep["gen_tokens"] and fork["accuracy"] == rep["accuracy"]
     assert not eng.live and eng.live_pages() == 0
+
+
+def test_peak_pages_and_verifier_cost_are_per_search():
+    eng, gen, prm = _setup()
+    a = Rebase().run(gen, PROMPT, Budget(n=8), prm, seed=0).meter
+    b = Rebase().run(gen, PROMPT, Budget(n=2), prm, seed=0).meter
+    c = Rebase().run(gen, PROMPT, Budget(n=8), prm, seed=0).meter
+    assert b.peak_kv_pages < a.peak_kv_pages  # not the engine's lifetime peak
+    assert c.peak_kv_pages == a.peak_kv_pages and c.verifier_tokens == a.verifier_tokens > 0  # no cross-search cache

@@ -4,29 +4,24 @@ import pytest
 
 from ttscale.search import DVTS, MCTS, BeamSearch, BestOfN, Budget, ParticleFilter, Rebase, SelfConsistency
 
-engine_mod = pytest.importorskip("ttscale.engine")
 tasks = pytest.importorskip("ttscale.tasks")
-if not hasattr(engine_mod, "load_builtin"):
-    pytest.skip("ttscale.engine.load_builtin not available yet", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    from ttscale.demo import _unpack_builtin
-    from ttscale.search.engine_adapter import EngineGenerator, PRMVerifier
+    from ttscale.search.engine_adapter import EngineGenerator, PRMVerifier, load_engine_and_prm
 
-    engine, prm = _unpack_builtin(engine_mod.load_builtin())
+    try:
+        engine, prm = load_engine_and_prm()
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"built-in engine / checkpoints not available: {e}")
     gen = EngineGenerator(engine, step_delimiter=tasks.STEP_DELIMITER, max_step_tokens=24, max_new_tokens=160,
                           extract_answer=tasks.extract_answer)
     return engine, gen, PRMVerifier(prm, engine.tokenizer, step_delimiter=tasks.STEP_DELIMITER)
 
 
 def _live_pages(engine):
-    lp = getattr(engine.counters, "live_pages", None)
-    if lp is None:
-        lp = getattr(engine, "live_pages", None)
-        lp = lp() if callable(lp) else lp
-    return lp
+    return getattr(getattr(engine, "pool", None), "num_used", None)
 
 
 @pytest.mark.parametrize("strategy", [BestOfN("verifier"), BestOfN("majority"), SelfConsistency(), BeamSearch(2),

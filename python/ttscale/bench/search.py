@@ -116,7 +116,8 @@ def print_table(rows: List[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ttscale bench search", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local checkpoint (default: the built-in one)")
+    ap.add_argument("--model", default=None, help="local policy checkpoint (default: the built-in one)")
+    ap.add_argument("--prm", default=None, help="local PRM checkpoint (default: the built-in one)")
     ap.add_argument("--problems", type=int, default=8)
     ap.add_argument("--width", type=int, default=8, help="beams / REBASE width (budget n)")
     ap.add_argument("--beam-width", type=int, default=4)
@@ -132,25 +133,21 @@ def main(argv=None) -> int:
     try:
         import ttscale.engine as engine_mod
         from ttscale import tasks
+        from ttscale.search.engine_adapter import load_engine_and_prm
 
-        if not hasattr(engine_mod, "load_builtin"):
-            raise ImportError("ttscale.engine.load_builtin is not available in this build")
-    except ImportError as e:
-        print(f"ttscale bench search: needs the engine and the built-in task ({e}).", file=sys.stderr)
+        engine, prm = load_engine_and_prm(args.model, args.prm)
+    except (ImportError, FileNotFoundError) as e:
+        print(f"ttscale bench search: needs the engine, the built-in task and checkpoints ({e}).", file=sys.stderr)
         return 2
-    from ttscale.demo import HELDOUT_SEED, _unpack_builtin
+    from ttscale.demo import HELDOUT_SEED
     from ttscale.search.engine_adapter import PRMVerifier
 
     from . import harness
 
-    engine, prm = _unpack_builtin(engine_mod.load_builtin(args.model) if args.model else engine_mod.load_builtin())
-    if prm is None:
-        print("ttscale bench search: the loaded checkpoint has no PRM", file=sys.stderr)
-        return 2
     delim = getattr(tasks, "STEP_DELIMITER", "\n")
     problems = tasks.generate_problems(args.problems, seed=HELDOUT_SEED + args.seed,
                                        **({"difficulty": args.difficulty} if args.difficulty else {}))
-    sampling = engine_mod.SamplingParams(temperature=args.temperature) if hasattr(engine_mod, "SamplingParams") else None
+    sampling = engine_mod.SamplingParams(temperature=args.temperature)
     rows = run_bench(engine, PRMVerifier(prm, engine.tokenizer, step_delimiter=delim), problems,
                      prompt_of=lambda p: p.prompt, is_correct=lambda p, a: a is not None and str(a) == str(p.answer),
                      strategies=[s for s in args.strategies.split(",") if s], width=args.width,

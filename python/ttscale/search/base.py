@@ -72,6 +72,7 @@ class Generator(Protocol):
     def finished(self, node: Node) -> bool: ...
     def answer(self, node: Node) -> Optional[str]: ...
     def stats(self) -> GenStats: ...
+    # optional: reset_peak() -> bool restarts the peak-pages counter at the pages live now (True if it could)
     def step_cost_bound(self, nodes: Sequence[Node]) -> GenStats: ...  # upper bound of one extend
 
 
@@ -109,6 +110,10 @@ class Verifier:
 
     def _step_scores(self, gen: Generator, nodes: Sequence[Node]) -> List[List[float]]:
         raise NotImplementedError
+
+    def begin_search(self) -> None:
+        """Called by the Meter when a search starts: drop per-search caches, so that one search's
+        cost never depends on what an earlier search happened to score."""
 
     def step_scores(self, gen: Generator, nodes: Sequence[Node]) -> List[List[float]]:
         if len(nodes) == 0:
@@ -161,6 +166,11 @@ class Meter:
 
     def __init__(self, gen: Generator, verifier: Optional[Verifier], budget: Budget) -> None:
         self.gen, self.verifier, self.budget = gen, verifier, budget
+        # a generator that can restart its peak-pages counter gives the exact peak of this search
+        reset_peak = getattr(gen, "reset_peak", None)
+        self._exact_peak = bool(reset_peak()) if callable(reset_peak) else False
+        if verifier is not None:
+            verifier.begin_search()
         self._g0 = gen.stats()
         self._v0 = verifier.stats() if verifier is not None else VerifierStats()
         self._t0 = time.perf_counter()
@@ -184,11 +194,13 @@ class Meter:
         self.verifier_tokens = v.tokens - v0.tokens
         self.verifier_calls = v.calls - v0.calls
         self.flops = (g.flops - g0.flops) + (v.flops - v0.flops)
-        # the generator's lifetime peak is this search's peak once the search exceeded it; otherwise the
-        # most pages seen live at a sync (each depth) is the best estimate
-        if g.live_pages is not None:
+        # without reset_peak: the generator's lifetime peak is this search's peak once the search
+        # exceeded it; otherwise the most pages seen live at a sync (each depth) is the best estimate
+        if self._exact_peak:
+            self.peak_kv_pages = g.peak_pages
+        elif g.live_pages is not None:
             self.peak_kv_pages = max(self.peak_kv_pages, g.live_pages)
-        if g.peak_pages > g0.peak_pages or g.live_pages is None:
+        if not self._exact_peak and (g.peak_pages > g0.peak_pages or g.live_pages is None):
             self.peak_kv_pages = max(self.peak_kv_pages, g.peak_pages)
         self.wall_s = time.perf_counter() - self._t0
         return self

@@ -31,7 +31,8 @@ import numpy as np
 
 from .base import GenStats, Step, Verifier
 
-__all__ = ["CostModel", "EngineGenerator", "ReprefillGenerator", "PRMVerifier", "default_extract_answer"]
+__all__ = ["CostModel", "EngineGenerator", "ReprefillGenerator", "PRMVerifier", "default_extract_answer",
+           "load_engine_and_prm"]
 
 _ANSWER = re.compile(r"Answer:\s*(\S+)")
 
@@ -53,7 +54,7 @@ class CostModel:
 
     @classmethod
     def from_config(cls, cfg: Any, n_params: float, kv_dtype_bytes: int = 4) -> "CostModel":
-        g = lambda *names: next(getattr(cfg, n) for n in names if hasattr(cfg, n))  # noqa: E731
+        g = lambda *names: next(getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None)  # noqa: E731
         layers, heads = g("n_layers", "num_layers", "num_hidden_layers"), g("n_heads", "num_heads", "num_attention_heads")
         kv_heads = g("n_kv_heads", "num_kv_heads", "num_key_value_heads") if any(
             hasattr(cfg, n) for n in ("n_kv_heads", "num_kv_heads", "num_key_value_heads")) else heads
@@ -62,18 +63,37 @@ class CostModel:
 
 
 def _cost_model_of(engine: Any) -> Optional[CostModel]:
+    """From ``engine.cost_model``, or the engine's model config and KV pool (``ttscale.engine.Engine``)."""
     cm = getattr(engine, "cost_model", None)
     if isinstance(cm, CostModel):
         return cm
     model = getattr(engine, "model", None)
-    cfg = getattr(model, "config", None)
-    if cfg is None:
+    cfg = getattr(engine, "config", None) or getattr(model, "config", None)
+    if model is None or cfg is None:
         return None
     try:
         n_params = float(sum(p.numel() for p in model.parameters()))
-        return CostModel.from_config(cfg, n_params)
-    except (StopIteration, AttributeError, TypeError):
+        cm = CostModel.from_config(cfg, n_params)
+    except (StopIteration, AttributeError, TypeError, ZeroDivisionError):
         return None
+    bpt = getattr(getattr(engine, "pool", None), "bytes_per_token", None)
+    if isinstance(bpt, (int, float)) and bpt > 0:
+        cm.kv_bytes_per_token = float(bpt)
+    return cm
+
+
+def load_engine_and_prm(model: Optional[str] = None, prm: Optional[str] = None, **engine_kw):
+    """``(Engine, PRM Transformer)``: local checkpoints when paths are given, else the built-in
+    ``"policy"`` and ``"prm"`` models. Raises ImportError / FileNotFoundError when unavailable.
+    The PRM must use the policy's tokenizer (the PRM reads the policy's token ids)."""
+    import ttscale.engine as E
+
+    for name in ("Engine", "load_builtin", "load_checkpoint"):
+        if not hasattr(E, name):
+            raise ImportError(f"ttscale.engine.{name} is not available in this build")
+    policy = E.load_checkpoint(model) if model else E.load_builtin("policy")
+    prm_model = E.load_checkpoint(prm) if prm else E.load_builtin("prm")
+    return E.Engine(policy, **engine_kw), prm_model
 
 
 class _Meta:
@@ -157,7 +177,7 @@ class EngineGenerator:
         m = self._m(node)
         if n <= 0:
             return []
-        kids = self.engine.fork(node, n)
+        kids = self.engine.fork(node, int(n))
         for k in kids:
             self._meta[self._key(k)] = _Meta(m.prompt_len, m.finished)
         return kids
@@ -210,7 +230,7 @@ class EngineGenerator:
         s = GenStats(prefill_tokens=c.prefill_tokens, generated_tokens=c.decoded_tokens, forks=c.forks,
                      calls=self._calls, kv_bytes_read=float(c.kv_bytes_read),
                      kv_bytes_read_unshared=float(c.kv_bytes_read_unshared), peak_pages=c.peak_pages)
-        live = getattr(c, "live_pages", None)
+        live = getattr(getattr(self.engine, "pool", None), "num_used", None)  # ttscale.engine.KVPool
         if live is None:
             live = getattr(self.engine, "live_pages", None)
             live = live() if callable(live) else live
@@ -220,6 +240,15 @@ class EngineGenerator:
             s.flops = (2 * self.cost.n_params * (s.prefill_tokens + s.generated_tokens)
                        + self.cost.attn_flops_per_ctx_token * ctx)
         return s
+
+    def reset_peak(self) -> bool:
+        """Restart the engine's ``peak_pages`` counter at the pages in use now (the Meter calls this
+        when a search starts, so the search's own peak is measured). False if the engine has no pool."""
+        pool = getattr(self.engine, "pool", None)
+        if pool is None or not hasattr(pool, "num_used") or not hasattr(self.engine.counters, "peak_pages"):
+            return False
+        self.engine.counters.peak_pages = pool.num_used
+        return True
 
     def step_cost_bound(self, nodes: Sequence[Any]) -> GenStats:
         S = self.max_step_tokens
@@ -302,7 +331,8 @@ class PRMVerifier(Verifier):
     """Process reward model over a generator's nodes: a step's score is ``sigmoid`` of the PRM's
     scalar at the step's last token (the delimiter; for a final step without one, its last non-EOS
     token). The PRM reads each scored sequence in full (no KV cache of its own), so verifier tokens
-    are the sequence lengths; scores are cached per token sequence so re-scoring is free."""
+    are the sequence lengths; within one search, scores are cached per token sequence (re-scoring a
+    node that did not change is free; the cache is dropped when the next search starts)."""
     kind = "prm"
 
     def __init__(self, model: Any, tokenizer: Any, *, step_delimiter: str = "\n", aggregate: str = "last",
@@ -323,6 +353,9 @@ class PRMVerifier(Verifier):
         self.flops_per_token = 2.0 * n_params
         self._cache: Dict[tuple, List[float]] = {}
 
+    def begin_search(self) -> None:
+        self._cache.clear()
+
     def step_positions(self, toks: Sequence[int], prompt_len: int) -> List[int]:
         end = len(toks)
         while end > prompt_len and self.eos is not None and toks[end - 1] == self.eos:
@@ -337,8 +370,6 @@ class PRMVerifier(Verifier):
 
         seqs = [tuple(gen.tokens(x)) for x in nodes]
         plens = [gen.prompt_len(x) for x in nodes]
-        if len(self._cache) > 100_000:  # bounded memory over long runs
-            self._cache.clear()
         todo = sorted({s for s in seqs if s not in self._cache}, key=len)
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b:b + self.batch_size]

@@ -289,6 +289,10 @@ class SimGenerator:
         n = self._node(node)
         return n.finished and n.answer == self.problem.answer
 
+    def reset_peak(self) -> bool:
+        self._s.peak_pages = len(self._ref)
+        return True
+
     def stats(self) -> GenStats:
         self._s.live_pages = len(self._ref)
         return GenStats(**vars(self._s))
