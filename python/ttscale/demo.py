@@ -230,17 +230,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     backend = None
+    user = (args.problems, args.max_budget)
     if not args.simulate:
+        args.problems, args.max_budget = user[0] or 16, user[1] or 16  # engine defaults: < 5 min on 2 cores
         try:
-            defaults = {"problems": 16, "max_budget": 16}
-            for k, v in defaults.items():
-                if getattr(args, k) is None:
-                    setattr(args, k, v)
             backend = EngineBackend(args)
         except (ImportError, FileNotFoundError) as e:
             print(f"ttscale demo: the built-in engine/task is not available ({e}); running the model-free "
                   "simulator instead (--simulate).", file=sys.stderr)
-            args.problems = args.max_budget = None
+            args.problems, args.max_budget = user
     if backend is None:
         args.problems = args.problems or 40
         args.max_budget = args.max_budget or 64
