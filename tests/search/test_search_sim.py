@@ -257,14 +257,39 @@ def test_budget_caps_are_enforced(name, strategy, cap):
     free = strategy.run(gen, prob.prompt, Budget(n=8), SimPRM(), seed=0).meter
     used = {"max_generated_tokens": free.generated_tokens, "max_flops": free.flops,
             "max_kv_bytes": free.kv_bytes_read}[cap]
-    limit = used * 0.4
-    gen = SimGenerator(prob)
-    res = strategy.run(gen, prob.prompt, Budget(n=8, **{cap: limit}), SimPRM(), seed=0)
-    got = {"max_generated_tokens": res.meter.generated_tokens, "max_flops": res.meter.flops,
-           "max_kv_bytes": res.meter.kv_bytes_read}[cap]
-    assert got <= limit
-    assert res.stop_reason.startswith("budget:"), res.stop_reason
-    assert gen.live_nodes() == 0 and gen.live_pages() == 0
+    for frac in (0.1, 0.4, 0.85):
+        limit = used * frac
+        gen = SimGenerator(prob)
+        res = strategy.run(gen, prob.prompt, Budget(n=8, **{cap: limit}), SimPRM(), seed=0)
+        got = {"max_generated_tokens": res.meter.generated_tokens, "max_flops": res.meter.flops,
+               "max_kv_bytes": res.meter.kv_bytes_read}[cap]
+        assert got <= limit
+        assert res.stop_reason.startswith("budget:"), res.stop_reason
+        assert gen.live_nodes() == 0 and gen.live_pages() == 0
+
+
+class _FailingGenerator(SimGenerator):
+    """Raises on the k-th extend, as a crashed engine would."""
+
+    def __init__(self, prob, k):
+        super().__init__(prob)
+        self.k = k
+
+    def extend(self, nodes, **kw):
+        self.k -= 1
+        if self.k == 0:
+            raise RuntimeError("engine failure")
+        return super().extend(nodes, **kw)
+
+
+@pytest.mark.parametrize("name,strategy", ALL, ids=[a for a, _ in ALL])
+def test_nodes_released_when_the_generator_fails(name, strategy):
+    prob = SimProblem(num_steps=5, p_step=0.8)
+    for k in (1, 2, 4):
+        gen = _FailingGenerator(prob, k)
+        with pytest.raises(RuntimeError, match="engine failure"):
+            strategy.run(gen, prob.prompt, Budget(n=6), SimPRM(), seed=0)
+        assert gen.live_nodes() == 0 and gen.live_pages() == 0
 
 
 def test_forks_share_pages():

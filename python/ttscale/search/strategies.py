@@ -16,8 +16,10 @@ total beams (beam search: ``n // beam_width`` kept, ``beam_width`` children each
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -29,11 +31,38 @@ from .base import (Budget, BudgetStop, Candidate, Generator, Meter, Node, Search
 __all__ = ["BestOfN", "SelfConsistency", "BeamSearch", "DVTS", "Rebase", "ParticleFilter", "MCTS", "STRATEGIES"]
 
 
+_ACTIVE_RUNS: contextvars.ContextVar = contextvars.ContextVar("ttscale_search_runs", default=None)
+
+
+def _releases_on_error(run):
+    """Wraps a strategy's ``run``: if it raises (a generator or verifier error, KeyboardInterrupt),
+    the nodes it still holds are released before the exception propagates, so no KV pages leak."""
+    @functools.wraps(run)
+    def wrapper(self, *args, **kwargs):
+        runs: List["_Run"] = []
+        token = _ACTIVE_RUNS.set(runs)
+        try:
+            return run(self, *args, **kwargs)
+        except BaseException:
+            for r in runs:
+                try:
+                    r.release(list(r.live.values()))
+                except Exception:  # the original error matters more than a failed clean-up
+                    pass
+            raise
+        finally:
+            _ACTIVE_RUNS.reset(token)
+    return wrapper
+
+
 class _Run:
     """Plumbing shared by the strategies: rng and seeds, meter, live-node set, candidates, trace."""
 
     def __init__(self, name: str, gen: Generator, verifier: Optional[Verifier], budget: Budget, seed: int,
                  needs_verifier: bool = False) -> None:
+        runs = _ACTIVE_RUNS.get()
+        if runs is not None:
+            runs.append(self)
         if not isinstance(budget, Budget):
             raise ValueError(f"{name}: budget must be a ttscale.search.Budget, got {type(budget).__name__}")
         if needs_verifier and verifier is None:
@@ -155,6 +184,7 @@ class BestOfN:
     def name(self) -> str:
         return {"verifier": "best-of-n", "majority": "majority", "weighted": "weighted-bon"}[self.select]
 
+    @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
         r = _Run(self.name, gen, verifier, budget, seed, needs_verifier=self.select != "majority")
@@ -174,6 +204,7 @@ class SelfConsistency:
     max_steps: int = 64
     name: str = "self-consistency"
 
+    @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
         _check(self.name, wave=self.wave)
@@ -215,6 +246,7 @@ class BeamSearch:
     max_steps: int = 64
     name: str = "beam"
 
+    @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
         _check(self.name, beam_width=self.beam_width)
@@ -244,7 +276,11 @@ class BeamSearch:
                 r.release(live)
                 active = []
                 break
-            scores = self._lookahead(r, live) if self.lookahead else [r.agg(s) for s in live_steps]
+            try:
+                scores = self._lookahead(r, live) if self.lookahead else [r.agg(s) for s in live_steps]
+            except BudgetStop as e:  # the lookahead rolls ran into a cap
+                stop, active = str(e), live
+                break
             counts = allocate(scores, width, "topk", k=math.ceil(width / self.beam_width))
             r.event(depth, scores, counts, int((counts == 0).sum()))
             active = [k for x, c in zip(live, counts) for k in r.children(x, int(c))]
@@ -275,6 +311,7 @@ class DVTS:
     max_steps: int = 64
     name: str = "dvts"
 
+    @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
         _check(self.name, beam_width=self.beam_width)
@@ -327,6 +364,7 @@ class Rebase:
     max_steps: int = 64
     name: str = "rebase"
 
+    @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
         if not self.temperature > 0:
@@ -380,6 +418,7 @@ class ParticleFilter:
     max_steps: int = 64
     name: str = "particle-filter"
 
+    @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
         if self.resample not in ("multinomial", "systematic"):
@@ -450,6 +489,7 @@ class MCTS:
     max_steps: int = 64
     name: str = "mcts"
 
+    @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
         _check(self.name, expand_width=self.expand_width)
