@@ -134,6 +134,10 @@ class FakeEngine:
         self.counters.forks += n
         return out
 
+    def fork_many(self, nodes: Sequence[FakeNode], ns: Sequence[int]) -> List[List[FakeNode]]:
+        self.fork_many_calls = getattr(self, "fork_many_calls", 0) + 1
+        return [self.fork(x, n) for x, n in zip(nodes, ns)]
+
     def release(self, nodes: Sequence[FakeNode]) -> None:
         for n in nodes:
             self._check(n)

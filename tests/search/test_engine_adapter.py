@@ -161,3 +161,9 @@ def test_peak_pages_and_verifier_cost_are_per_search():
     c = Rebase().run(gen, PROMPT, Budget(n=8), prm, seed=0).meter
     assert b.peak_kv_pages < a.peak_kv_pages  # not the engine's lifetime peak
     assert c.peak_kv_pages == a.peak_kv_pages and c.verifier_tokens == a.verifier_tokens > 0  # no cross-search cache
+
+
+def test_fork_many_batches_the_forks_of_a_depth():
+    eng, gen, prm = _setup()
+    Rebase().run(gen, PROMPT, Budget(n=8), prm, seed=0)
+    assert getattr(eng, "fork_many_calls", 0) >= 1 and not eng.live

@@ -228,10 +228,16 @@ def test_strategy_well_formed_and_no_leaks(name, strategy, n):
     # trace: depths increase, allocations sum to the width of that depth
     for a, b in zip(res.trace, res.trace[1:]):
         assert b.depth >= a.depth and b.generated_tokens >= a.generated_tokens
-    if name in ("rebase", "beam", "beam-lookahead") or name.startswith("pf"):
-        for ev in res.trace:
-            if ev.children and name != "pf-multinomial-ess":
-                assert sum(ev.children) <= n
+    # the per-depth allocation uses exactly the width: REBASE / beam give n - finished leaves
+    # children; particle filtering keeps n particles; DVTS keeps one child per subtree
+    for ev in res.trace:
+        if name in ("rebase", "beam", "beam-lookahead"):
+            assert sum(ev.children) == n - ev.finished and len(ev.children) == len(ev.scores)
+        elif name.startswith("pf"):
+            assert sum(ev.children) == n
+        elif name == "dvts":
+            m_ = min(2, n)
+            assert sum(ev.children) == len(ev.children) // m_ and len(ev.children) % m_ == 0
 
 
 @pytest.mark.parametrize("name,strategy", ALL, ids=[a for a, _ in ALL])
@@ -355,3 +361,22 @@ def test_meter_peak_pages_is_the_pool_peak_of_the_search():
     res = Rebase().run(gen, prob.prompt, Budget(n=9), SimPRM(), seed=1)
     assert res.meter.peak_kv_pages == gen.stats().peak_pages
     assert max(e.live_pages for e in res.trace) <= res.meter.peak_kv_pages
+
+
+class _BatchForkGenerator(SimGenerator):
+    def fork_many(self, nodes, ns):
+        self.batched = getattr(self, "batched", 0) + 1
+        return [self.fork(x, n) for x, n in zip(nodes, ns)]
+
+
+@pytest.mark.parametrize("name,strategy", ALL, ids=[a for a, _ in ALL])
+def test_batched_fork_path_gives_the_same_search(name, strategy):
+    prob = SimProblem(num_steps=5, p_step=0.75)
+    out = []
+    for cls in (SimGenerator, _BatchForkGenerator):
+        gen = cls(prob)
+        r = strategy.run(gen, prob.prompt, Budget(n=8), SimPRM(seed=2), seed=5)
+        assert gen.live_nodes() == 0 and gen.live_pages() == 0
+        out.append(([(c.text, c.answer, c.weight) for c in r.candidates], r.answer, r.meter.forks,
+                    r.meter.kv_bytes_read))
+    assert out[0] == out[1]

@@ -182,6 +182,20 @@ class EngineGenerator:
             self._meta[self._key(k)] = _Meta(m.prompt_len, m.finished)
         return kids
 
+    def fork_many(self, nodes: Sequence[Any], ns: Sequence[int]) -> List[List[Any]]:
+        """``fork`` for several parents. With an engine ``fork_many(nodes, ns)`` it is one call (the
+        engine can run the parents' pending last tokens in one batched forward instead of one forward
+        per forked parent); otherwise one ``fork`` per parent."""
+        ef = getattr(self.engine, "fork_many", None)
+        if not callable(ef):
+            return [self.fork(x, n) for x, n in zip(nodes, ns)]
+        metas = [self._m(x) for x in nodes]
+        out = ef(list(nodes), [int(n) for n in ns])
+        for m, kids in zip(metas, out):
+            for k in kids:
+                self._meta[self._key(k)] = _Meta(m.prompt_len, m.finished)
+        return out
+
     def release(self, nodes: Sequence[Any]) -> None:
         for x in nodes:
             self._m(x)
@@ -297,6 +311,9 @@ class ReprefillGenerator(EngineGenerator):
     def fork(self, node: Any, n: int) -> List[Any]:
         m = self._m(node)
         return [self._new(list(node.ids), _Meta(m.prompt_len, m.finished)) for _ in range(max(0, n))]
+
+    def fork_many(self, nodes: Sequence[Any], ns: Sequence[int]) -> List[List[Any]]:
+        return [self.fork(x, n) for x, n in zip(nodes, ns)]
 
     def release(self, nodes: Sequence[Any]) -> None:
         for x in nodes:

@@ -95,6 +95,26 @@ class _Run:
             return []
         return self.fork(node, c - 1) + [node]
 
+    def children_many(self, nodes: Sequence[Node], counts: Sequence[int]) -> List[List[Node]]:
+        """``children(node, c)`` for a whole depth. A generator with ``fork_many(nodes, ns)`` forks
+        every parent in one call (an engine can then run the parents' pending tokens in one batch)."""
+        counts = [int(c) for c in counts]
+        fork_many = getattr(self.gen, "fork_many", None)
+        todo = [(x, c - 1) for x, c in zip(nodes, counts) if c >= 2]
+        kids: Dict[int, List[Node]] = {}
+        if callable(fork_many) and len(todo) > 1:
+            for (x, _), ks in zip(todo, fork_many([x for x, _ in todo], [k for _, k in todo])):
+                for k in ks:
+                    self.live[id(k)] = k
+                kids[id(x)] = list(ks)
+        out = []
+        for x, c in zip(nodes, counts):
+            if id(x) in kids:
+                out.append(kids[id(x)] + [x])
+            else:
+                out.append(self.children(x, c))
+        return out
+
     def release(self, nodes: Sequence[Node]) -> None:
         nodes = [x for x in nodes if id(x) in self.live]
         for x in nodes:
@@ -283,7 +303,7 @@ class BeamSearch:
                 break
             counts = allocate(scores, width, "topk", k=math.ceil(width / self.beam_width))
             r.event(depth, scores, counts, int((counts == 0).sum()))
-            active = [k for x, c in zip(live, counts) for k in r.children(x, int(c))]
+            active = [k for ks in r.children_many(live, counts) for k in ks]
         for x in active:  # stopped by budget or depth: the unfinished beams stay on record, unscored
             r.record(x, [])
         return r.done(stop, self.select)
@@ -320,7 +340,7 @@ class DVTS:
         heads = r.children(r.root(prompt), max(1, budget.n // m))  # one current node per subtree
         depth, stop = 0, "finished"
         while heads:
-            groups = [r.children(h, m) for h in heads]
+            groups = r.children_many(heads, [m] * len(heads))
             flat = [k for g in groups for k in g]
             try:
                 if depth >= self.max_steps:
@@ -397,7 +417,7 @@ class Rebase:
             scores = [r.agg(s) for s in live_steps]
             counts = allocate(scores, width, "rebase", temperature=self.temperature)
             r.event(depth, scores, counts, int((counts == 0).sum()))
-            active = [k for x, c in zip(live, counts) for k in r.children(x, int(c))]
+            active = [k for ks in r.children_many(live, counts) for k in ks]
         for x in active:
             r.record(x, [])
         return r.done(stop, self.select)
@@ -457,14 +477,15 @@ class ParticleFilter:
             if self.ess_threshold is None or e < self.ess_threshold * N:
                 counts = allocate(logw, N, self.resample, rng=r.rng)
                 new = []
+                grow = [(p, int(c)) for p, c in zip(parts, counts) if c > 0 and not gen.finished(p[0])]
                 for p, c in zip(parts, counts):
                     c = int(c)
                     if c == 0:
                         r.release([p[0]])
                     elif gen.finished(p[0]):
                         new.append([p[0], c, 0.0, p[3]])
-                    else:
-                        new += [[k, 1, 0.0, list(p[3])] for k in r.children(p[0], c)]
+                for (p, _), ks in zip(grow, r.children_many([p[0] for p, _ in grow], [c for _, c in grow])):
+                    new += [[k, 1, 0.0, list(p[3])] for k in ks]
                 r.event(depth, sc, counts, int((counts == 0).sum()), ess=e)
                 parts = new
             else:
