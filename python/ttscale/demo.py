@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 DEFAULT_STRATEGIES = ("majority", "best-of-n", "weighted-bon", "beam", "dvts", "rebase", "particle-filter")
+# the engine path runs a real model on the CPU: fewer strategies, problems and budgets by default so
+# that it finishes in a few minutes on 2 cores (--strategies / --problems / --max-budget scale it up)
+ENGINE_DEFAULTS = {"strategies": ("majority", "best-of-n", "beam", "rebase", "particle-filter"), "problems": 8,
+                   "max_budget": 8}
 HELDOUT_SEED = 1_000_003  # problems drawn from a seed range training never uses
 
 
@@ -210,13 +214,14 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="local policy checkpoint directory (default: the built-in one)")
     ap.add_argument("--prm", default=None, help="local PRM checkpoint directory, same tokenizer as the policy "
                     "(default: the built-in PRM)")
-    ap.add_argument("--problems", type=int, default=None, help="held-out problems (default 40 simulated, 16 engine)")
+    ap.add_argument("--problems", type=int, default=None, help="held-out problems (default 40 simulated, 8 engine)")
     ap.add_argument("--max-budget", type=int, default=None, help="budgets 1, 2, 4, ... up to this "
-                    "(default 64 simulated, 16 engine)")
+                    "(default 64 simulated, 8 engine)")
     ap.add_argument("--budgets", default=None, help="explicit comma-separated budgets (overrides --max-budget)")
-    ap.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
+    ap.add_argument("--strategies", default=None,
                     help="comma-separated, from: majority, best-of-n, weighted-bon, self-consistency, beam, dvts, "
-                         "rebase, particle-filter, mcts")
+                         "rebase, particle-filter, mcts (default: %s; on the engine: %s)"
+                         % (",".join(DEFAULT_STRATEGIES), ",".join(ENGINE_DEFAULTS["strategies"])))
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--difficulty", type=int, default=None, help="task difficulty (engine backend)")
@@ -230,18 +235,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     backend = None
-    user = (args.problems, args.max_budget)
+    user = (args.problems, args.max_budget, args.strategies)
     if not args.simulate:
-        args.problems, args.max_budget = user[0] or 16, user[1] or 16  # engine defaults: < 5 min on 2 cores
+        args.problems = user[0] or ENGINE_DEFAULTS["problems"]
+        args.max_budget = user[1] or ENGINE_DEFAULTS["max_budget"]
+        args.strategies = user[2] or ",".join(ENGINE_DEFAULTS["strategies"])
         try:
             backend = EngineBackend(args)
         except (ImportError, FileNotFoundError) as e:
             print(f"ttscale demo: the built-in engine/task is not available ({e}); running the model-free "
                   "simulator instead (--simulate).", file=sys.stderr)
-            args.problems, args.max_budget = user
+            args.problems, args.max_budget, args.strategies = user
     if backend is None:
         args.problems = args.problems or 40
         args.max_budget = args.max_budget or 64
+        args.strategies = args.strategies or ",".join(DEFAULT_STRATEGIES)
         backend = SimBackend(args)
 
     if args.budgets:
