@@ -345,6 +345,10 @@ def test_bad_arguments():
         ParticleFilter("stratified").run(gen, prob.prompt, Budget(n=2), SimPRM())
     with pytest.raises(ValueError, match="beam_width"):
         BeamSearch(beam_width=0).run(gen, prob.prompt, Budget(n=2), SimPRM())
+    with pytest.raises(ValueError, match="select"):
+        BestOfN("best")
+    with pytest.raises(ValueError, match="max_steps"):
+        Rebase(max_steps=0)
     node = gen.root("x")
     gen.release([node])
     with pytest.raises(ValueError, match="not a live node"):

@@ -160,6 +160,13 @@ class _Run:
                             self.trace, self.meter, stop)
 
 
+def _check_select(obj) -> None:
+    if obj.select not in ("verifier", "majority", "weighted"):
+        raise ValueError(f"{type(obj).__name__}: select must be 'verifier', 'majority' or 'weighted', got {obj.select!r}")
+    if not isinstance(obj.max_steps, (int, np.integer)) or obj.max_steps < 1:
+        raise ValueError(f"{type(obj).__name__}: max_steps must be an integer >= 1, got {obj.max_steps!r}")
+
+
 def _check(name: str, **kw) -> None:
     for k, v in kw.items():
         if not isinstance(v, (int, np.integer)) or v < 1:
@@ -203,6 +210,9 @@ class BestOfN:
     @property
     def name(self) -> str:
         return {"verifier": "best-of-n", "majority": "majority", "weighted": "weighted-bon"}[self.select]
+
+    def __post_init__(self) -> None:
+        _check_select(self)
 
     @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
@@ -265,6 +275,9 @@ class BeamSearch:
     select: str = "verifier"
     max_steps: int = 64
     name: str = "beam"
+
+    def __post_init__(self) -> None:
+        _check_select(self)
 
     @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
@@ -331,6 +344,9 @@ class DVTS:
     max_steps: int = 64
     name: str = "dvts"
 
+    def __post_init__(self) -> None:
+        _check_select(self)
+
     @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
             seed: int = 0) -> SearchResult:
@@ -383,6 +399,9 @@ class Rebase:
     select: str = "weighted"
     max_steps: int = 64
     name: str = "rebase"
+
+    def __post_init__(self) -> None:
+        _check_select(self)
 
     @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
@@ -437,6 +456,9 @@ class ParticleFilter:
     select: str = "weighted"
     max_steps: int = 64
     name: str = "particle-filter"
+
+    def __post_init__(self) -> None:
+        _check_select(self)
 
     @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
@@ -509,6 +531,9 @@ class MCTS:
     select: str = "weighted"
     max_steps: int = 64
     name: str = "mcts"
+
+    def __post_init__(self) -> None:
+        _check_select(self)
 
     @_releases_on_error
     def run(self, gen: Generator, prompt: str, budget: Budget, verifier: Optional[Verifier] = None,
