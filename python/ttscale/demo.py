@@ -271,8 +271,11 @@ def main(argv=None) -> int:
           f"(FLOPs include the verifier); unshared/shared = KV bytes branches would read without prefix "
           f"sharing over what was read. Total {time.perf_counter() - t0:.1f} s.")
     if args.plot:
-        plot(rows, args.plot, f"ttscale demo: {backend.describe()}")
-        print(f"wrote {args.plot}")
+        try:
+            plot(rows, args.plot, f"ttscale demo: {backend.describe()}")
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("ttscale demo: matplotlib is not installed, no plot (pip install matplotlib)", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"backend": backend.describe(), "budgets": budgets, "rows": rows}, f, indent=1)
