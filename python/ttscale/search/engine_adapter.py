@@ -9,6 +9,8 @@ Engine API used (``ttscale.engine``)::
     node.num_tokens, node.finished, node.id       engine.counters (prefill_tokens, decoded_tokens, forks,
                                                   peak_pages, kv_bytes_read, kv_bytes_read_unshared)
     PRM: model.forward_tokens(list of id lists) -> list of [len_i, 1] per-position scalar logits
+    optional: engine.fork_many(nodes, ns) (a depth's forks in one call), engine.pool.num_used
+    (live pages), engine.pool.bytes_per_token and engine.model / engine.config (cost model)
 
 ``EngineGenerator`` forks KV-backed nodes (copy-on-write pages; a prefix is prefilled once).
 ``ReprefillGenerator`` drives the same engine the way reference implementations drive a serving
