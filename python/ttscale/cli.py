@@ -35,13 +35,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="build information (version, torch, CUDA archs, CPU SIMD path)").set_defaults(fn=_info)
     b = sub.add_parser("bench", help="time ttscale kernels against torch baselines (ttscale bench SUITE --help)")
-    b.add_argument("suite", help="sampling, attention, attention_prefill, attention_decode, quant")
+    b.add_argument("suite", help="sampling, attention, attention_prefill, attention_decode, quant, search")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
-    d = sub.add_parser("demo", help="run the built-in demo (ttscale demo --help)")
+    d = sub.add_parser("demo", help="test-time scaling curves: accuracy vs compute per search strategy (ttscale demo --help)")
     d.add_argument("rest", nargs=argparse.REMAINDER)
     d.set_defaults(fn=_demo)
-    args = ap.parse_args(argv)
+    # argparse's REMAINDER does not take a leading "--flag" after a sub-command, so pass unknown
+    # options through to the sub-command's own parser.
+    args, unknown = ap.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):
+            ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.rest = unknown + list(args.rest)
     return args.fn(args)
 
 

@@ -1,72 +1,285 @@
-"""``ttscale demo``.
+"""``ttscale demo``: test-time scaling curves.
 
-The test-time search demo (built-in model, task and PRM) arrives with the engine and search issues.
-Until then the demo runs what exists: batched sampling on built-in distributions. For each
-distribution and filter setting it draws many samples from one row with ``indices`` (best-of-N from
-one prompt without copying the row), and compares the empirical frequencies with the exact
-filtered distribution from the float64 reference.
+Runs a held-out set of problems with each search strategy at budgets n = 1, 2, 4, ... and reports
+accuracy against the compute spent: generated tokens, KV bytes read (with prefix sharing, and the
+ratio to what unshared branches would read) and wall time; writes a PNG of accuracy vs compute per
+strategy. Budget n is what the papers report: samples (best-of-N, voting), beams, particles, width.
+
+Backends:
+  default     the built-in policy + process reward model on the built-in task (``ttscale.engine``
+              and ``ttscale.tasks``); ``--model PATH`` loads a local checkpoint instead.
+  --simulate  a model-free simulator (``ttscale.search.simulator``): steps correct with a known
+              probability, a noisy PRM; runs anywhere in seconds. Used automatically, with a
+              message, when the engine is not available in this build.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import torch
+DEFAULT_STRATEGIES = ("majority", "best-of-n", "weighted-bon", "beam", "dvts", "rebase", "particle-filter")
+# the engine path runs a real model on the CPU: fewer strategies, problems and budgets by default so
+# that it finishes in a few minutes on 2 cores (--strategies / --problems / --max-budget scale it up)
+ENGINE_DEFAULTS = {"strategies": ("majority", "best-of-n", "beam", "rebase", "particle-filter"), "problems": 8,
+                   "max_budget": 8}
+HELDOUT_SEED = 1_000_003  # problems drawn from a seed range training never uses
 
 
-def builtin_distributions(V: int, generator: torch.Generator) -> dict:
-    """Logits shaped like an LLM's next-token distribution, and a flat one."""
-    ranks = torch.arange(1, V + 1, dtype=torch.float64)
-    zipf = (-1.1 * torch.log(ranks))[torch.randperm(V, generator=generator)]  # p ~ rank^-1.1
-    noisy = torch.randn(V, generator=generator, dtype=torch.float64) * 3.0
-    flat = torch.randn(V, generator=generator, dtype=torch.float64) * 0.5
-    return {"zipf (LLM-like)": zipf.float(), "gaussian std 3": noisy.float(), "near-flat std 0.5": flat.float()}
+@dataclass
+class Instance:
+    """One problem as the search sees it."""
+    prompt: str
+    gen: Any                       # a Generator
+    verifier: Any                  # a Verifier (None: voting only)
+    is_correct: Callable[[Optional[str]], bool]
+
+
+class SimBackend:
+    name = "simulator"
+
+    def __init__(self, args) -> None:
+        from ttscale.search.simulator import sim_problems
+
+        self.args = args
+        self.problems = sim_problems(args.problems, seed=HELDOUT_SEED + args.seed, steps=(4, 10), p=(0.5, 0.92),
+                                     prompt_tokens=(48, 160))
+
+    def describe(self) -> str:
+        return (f"model-free simulator: {len(self.problems)} problems, 4-10 steps, per-step accuracy 0.5-0.92, "
+                f"PRM noise {self.args.prm_noise}")
+
+    def instance(self, i: int) -> Instance:
+        from ttscale.search.simulator import SimGenerator, SimPRM
+
+        p = self.problems[i]
+        return Instance(p.prompt, SimGenerator(p), SimPRM(noise=self.args.prm_noise, seed=i),
+                        lambda a, p=p: a == p.answer)
+
+
+class EngineBackend:
+    """The built-in policy and PRM (or local checkpoints) on the built-in task. Raises ImportError /
+    FileNotFoundError when this build has no engine, task or built-in checkpoints (the caller falls
+    back to the simulator)."""
+    name = "engine"
+
+    def __init__(self, args) -> None:
+        import ttscale.engine as engine_mod
+        from ttscale import tasks
+        from ttscale.search.engine_adapter import EngineGenerator, PRMVerifier, load_engine_and_prm
+
+        self.engine, prm = load_engine_and_prm(args.model, args.prm)
+        self.tasks = tasks
+        self.problems = tasks.generate_problems(args.problems, seed=HELDOUT_SEED + args.seed,
+                                                **({"difficulty": args.difficulty} if args.difficulty else {}))
+        delim = getattr(tasks, "STEP_DELIMITER", "\n")
+        self.gen = EngineGenerator(self.engine, step_delimiter=delim, max_step_tokens=args.max_step_tokens,
+                                   max_new_tokens=args.max_new_tokens,
+                                   sampling=engine_mod.SamplingParams(temperature=args.temperature),
+                                   extract_answer=tasks.extract_answer)
+        self.prm = PRMVerifier(prm, self.engine.tokenizer, step_delimiter=delim)
+        self.args = args
+
+    def describe(self) -> str:
+        src = self.args.model or "built-in policy"
+        return f"engine ({src}) + PRM ({self.args.prm or 'built-in'}), {len(self.problems)} held-out problems"
+
+    def instance(self, i: int) -> Instance:
+        p = self.problems[i]
+        return Instance(p.prompt, self.gen, self.prm,
+                        lambda a, p=p: a is not None and str(a).strip() == str(p.answer))
+
+
+def make_strategy(name: str, args):
+    from ttscale import search
+
+    if name == "beam":
+        return search.BeamSearch(beam_width=args.beam_width)
+    if name == "dvts":
+        return search.DVTS(beam_width=args.beam_width)
+    if name == "mcts":
+        return search.MCTS(expand_width=2)
+    if name not in search.STRATEGIES:
+        raise ValueError(f"ttscale demo: unknown strategy {name!r}; choose from {', '.join(search.STRATEGIES)}")
+    return search.STRATEGIES[name]()
+
+
+def run_grid(backend, strategies: Sequence[str], budgets: Sequence[int], args, progress=True) -> List[dict]:
+    from ttscale.search import Budget
+
+    rows = []
+    total = len(strategies) * len(budgets) * len(backend.problems)
+    bar = _progress(total, progress)
+    for sname in strategies:
+        strat = make_strategy(sname, args)
+        for n in budgets:
+            acc = tok = kv = kvu = flops = wall = pages = 0.0
+            stops: Dict[str, int] = {}
+            for i in range(len(backend.problems)):
+                inst = backend.instance(i)
+                ver = None if sname in ("majority", "self-consistency") else inst.verifier
+                if ver is None and sname not in ("majority", "self-consistency"):
+                    raise RuntimeError(f"ttscale demo: strategy {sname} needs a PRM and this backend has none")
+                res = strat.run(inst.gen, inst.prompt, Budget(n=n), ver, seed=args.seed * 100003 + i)
+                m = res.meter
+                acc += inst.is_correct(res.answer)
+                tok += m.generated_tokens
+                kv += m.kv_bytes_read
+                kvu += m.kv_bytes_read_unshared
+                flops += m.flops
+                wall += m.wall_s
+                pages = max(pages, m.peak_kv_pages)
+                key = res.stop_reason.split(" ")[0]
+                stops[key] = stops.get(key, 0) + 1
+                bar.update(1)
+            P = len(backend.problems)
+            rows.append({"strategy": sname, "n": n, "accuracy": acc / P, "gen_tokens": tok / P, "kv_bytes": kv / P,
+                         "kv_bytes_unshared": kvu / P, "flops": flops / P, "wall_s": wall / P,
+                         "peak_kv_pages": pages, "stops": stops})
+    bar.close()
+    return rows
+
+
+class _NoBar:
+    def update(self, k):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="searching", unit="run", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    except ImportError:
+        return _NoBar()
+
+
+def print_table(rows: List[dict]) -> None:
+    head = (f"{'strategy':<16} {'n':>4} {'accuracy':>9} {'gen tokens':>11} {'KV read MB':>11} "
+            f"{'unshared/shared':>15} {'GFLOP':>9} {'peak pages':>10} {'ms/problem':>11}")
+    print(head)
+    print("-" * len(head))
+    last = None
+    for r in rows:
+        if last is not None and r["strategy"] != last:
+            print()
+        last = r["strategy"]
+        ratio = r["kv_bytes_unshared"] / r["kv_bytes"] if r["kv_bytes"] else float("nan")
+        print(f"{r['strategy']:<16} {r['n']:>4} {r['accuracy']:>9.3f} {r['gen_tokens']:>11.0f} "
+              f"{r['kv_bytes'] / 1e6:>11.2f} {ratio:>15.2f} {r['flops'] / 1e9:>9.2f} {r['peak_kv_pages']:>10.0f} "
+              f"{r['wall_s'] * 1e3:>11.1f}")
+
+
+def plot(rows: List[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for key, ax, label in (("gen_tokens", axes[0], "generated tokens per problem"),
+                           ("kv_bytes", axes[1], "KV bytes read per problem (shared prefixes)")):
+        for s in dict.fromkeys(r["strategy"] for r in rows):
+            rs = [r for r in rows if r["strategy"] == s]
+            ax.plot([r[key] for r in rs], [r["accuracy"] for r in rs], marker="o", label=s)
+            for r in rs:
+                ax.annotate(str(r["n"]), (r[key], r["accuracy"]), fontsize=6, xytext=(2, 2),
+                            textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ttscale demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--draws", type=int, default=200_000)
+    ap.add_argument("--simulate", action="store_true", help="use the model-free simulator")
+    ap.add_argument("--model", default=None, help="local policy checkpoint directory (default: the built-in one)")
+    ap.add_argument("--prm", default=None, help="local PRM checkpoint directory, same tokenizer as the policy "
+                    "(default: the built-in PRM)")
+    ap.add_argument("--problems", type=int, default=None, help="held-out problems (default 40 simulated, 8 engine)")
+    ap.add_argument("--max-budget", type=int, default=None, help="budgets 1, 2, 4, ... up to this "
+                    "(default 64 simulated, 8 engine)")
+    ap.add_argument("--budgets", default=None, help="explicit comma-separated budgets (overrides --max-budget)")
+    ap.add_argument("--strategies", default=None,
+                    help="comma-separated, from: majority, best-of-n, weighted-bon, self-consistency, beam, dvts, "
+                         "rebase, particle-filter, mcts (default: %s; on the engine: %s)"
+                         % (",".join(DEFAULT_STRATEGIES), ",".join(ENGINE_DEFAULTS["strategies"])))
+    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--difficulty", type=int, default=None, help="task difficulty (engine backend)")
+    ap.add_argument("--max-step-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--prm-noise", type=float, default=2.5, help="simulator PRM noise (std of the logit noise)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", default="ttscale_demo.png", help="PNG path ('' to skip)")
+    ap.add_argument("--json", default=None, help="also write the table as JSON here")
+    ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    import ttscale
-    from ttscale.reference.sampling import filtered_probs
+    backend = None
+    user = (args.problems, args.max_budget, args.strategies)
+    if not args.simulate:
+        args.problems = user[0] or ENGINE_DEFAULTS["problems"]
+        args.max_budget = user[1] or ENGINE_DEFAULTS["max_budget"]
+        args.strategies = user[2] or ",".join(ENGINE_DEFAULTS["strategies"])
+        try:
+            backend = EngineBackend(args)
+        except (ImportError, FileNotFoundError) as e:
+            print(f"ttscale demo: the built-in engine/task is not available ({e}); running the model-free "
+                  "simulator instead (--simulate).", file=sys.stderr)
+            args.problems, args.max_budget, args.strategies = user
+    if backend is None:
+        args.problems = args.problems or 40
+        args.max_budget = args.max_budget or 64
+        args.strategies = args.strategies or ",".join(DEFAULT_STRATEGIES)
+        backend = SimBackend(args)
 
-    info = ttscale.build_info()
-    print(f"ttscale {info['version']} demo: batched sampling (CPU path: {info['cpu_isa']}, "
-          f"{info['num_threads']} threads; CUDA kernels built: {info['cuda']})")
-    print("The search demo (built-in model + PRM, accuracy vs compute) comes with the engine; this demo runs the\n"
-          f"sampling ops: {args.draws} draws from one row of V={args.vocab} per setting, via indices.\n")
-    g = torch.Generator().manual_seed(args.seed)
-    settings = [
-        ("none", {}),
-        ("temperature 0.7", {"temperature": 0.7}),
-        ("top_k 50", {"top_k": 50}),
-        ("top_p 0.9", {"top_p": 0.9}),
-        ("min_p 0.05", {"min_p": 0.05}),
-        ("k50 p.9 minp.05", {"top_k": 50, "top_p": 0.9, "min_p": 0.05}),
-    ]
-    idx = torch.zeros(args.draws, dtype=torch.int64)
-    print(f"{'distribution':<20} {'filters':<18} {'kept tokens':>11} {'top token p':>11} {'TV(emp, exact)':>15} "
-          f"{'draws outside':>13} {'Mdraws/s':>9}")
-    for dname, row in builtin_distributions(args.vocab, g).items():
-        logits = row[None, :]
-        for sname, kw in settings:
-            exact = filtered_probs(logits, **kw)[0]
-            t0 = time.perf_counter()
-            toks = ttscale.ops.sample(logits, indices=idx, seed=args.seed, **kw)
-            dt = time.perf_counter() - t0
-            freq = torch.bincount(toks, minlength=args.vocab).double() / args.draws
-            tv = 0.5 * (freq - exact).abs().sum().item()
-            outside = int((exact[toks] == 0).sum())
-            print(f"{dname:<20} {sname:<18} {int((exact > 0).sum()):>11} {exact.max().item():>11.4f} {tv:>15.4f} "
-                  f"{outside:>13} {args.draws / dt / 1e6:>9.2f}")
-    greedy = ttscale.ops.sample(torch.stack(list(builtin_distributions(args.vocab, g).values())), temperature=0)
-    print(f"\ngreedy (temperature 0) on the three rows: {greedy.tolist()}")
-    print("TV is the total-variation distance between the empirical and exact filtered distributions; with "
-          f"{args.draws} draws, sampling noise alone gives about sqrt(kept/draws)/2.")
+    if args.budgets:
+        budgets = [int(x) for x in args.budgets.split(",") if x]
+    else:
+        budgets = [2 ** k for k in range(int(math.log2(max(1, args.max_budget))) + 1)]
+    if not budgets or min(budgets) < 1:
+        ap.error("budgets must be integers >= 1")
+    strategies = [s for s in args.strategies.split(",") if s]
+    for s in strategies:
+        make_strategy(s, args)  # validate names before spending time
+
+    print(f"ttscale demo: {backend.describe()}")
+    print(f"strategies: {', '.join(strategies)}; budgets n = {budgets}\n")
+    t0 = time.perf_counter()
+    rows = run_grid(backend, strategies, budgets, args, progress=not args.no_progress)
+    print_table(rows)
+    print(f"\naccuracy = fraction of problems answered correctly; tokens, KV bytes, FLOPs per problem "
+          f"(FLOPs include the verifier); unshared/shared = KV bytes branches would read without prefix "
+          f"sharing over what was read. Total {time.perf_counter() - t0:.1f} s.")
+    if args.plot:
+        try:
+            plot(rows, args.plot, f"ttscale demo: {backend.describe()}")
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("ttscale demo: matplotlib is not installed, no plot (pip install matplotlib)", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"backend": backend.describe(), "budgets": budgets, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -13,4 +13,5 @@ SUITES = {
     "quant": "ttscale.bench.quant",
     "engine": "ttscale.bench.engine",
     "sparse": "ttscale.bench.sparse",
+    "search": "ttscale.bench.search",
 }
