@@ -274,7 +274,7 @@ def corrupt_solution(pr, rng: random.Random) -> str:
                 y = task._apply(a, op, b, p)
         else:
             y = task._apply(a, op, b, p)
-        lines.append(f"{a}{op}{b}={y}\n")
+        lines.append(f"{task.LABELS[i]}: {a}{op}{b}={y}\n")
         x = y
     ans = x if k < n else (x + rng.randrange(1, p)) % p
     lines.append(f"{task.ANSWER_PREFIX}{ans}\n")
@@ -419,9 +419,9 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 100
-    policy_steps: int = 900        # upper bound; the accuracy stop usually ends it earlier
+    policy_steps: int = 600        # upper bound; the accuracy stop usually ends it earlier
     stop_acc: float = 0.40          # stop the policy once one sample is right this often
-    eval_every: int = 100
+    eval_every: int = 50
     eval_problems: int = 128
     min_difficulty: int = 2
     max_difficulty: int = 8
@@ -430,7 +430,7 @@ class TrainConfig:
     temperature: float = 1.0
     prm_problems: int = 512
     prm_samples: int = 4
-    prm_steps: int = 400
+    prm_steps: int = 250
     prm_lr: float = 1e-3
     prm_lm_weight: float = 1.0
     test_problems: int = 200
@@ -622,7 +622,9 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
                           total=round(time.time() - t0, 1)),
         torch_version=torch.__version__, threads=tc.threads,
         eval=res,
-        command=f"python scripts/train_builtin.py --out {out} --seed {tc.seed}",
+        command="python scripts/train_builtin.py --out " + out + "".join(
+            f" --{k.replace('_', '-')} {v}" for k, v in asdict(tc).items()
+            if k == "seed" or v != TrainConfig.__dataclass_fields__[k].default),
     )
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)

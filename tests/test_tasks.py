@@ -30,7 +30,8 @@ def test_gold_solutions_are_correct_and_well_formed(difficulty):
         assert pr.answer == x == tasks.extract_answer(pr.solution)
         assert tok.decode(tok.encode(pr.prompt + pr.solution)) == pr.prompt + pr.solution
         # the prompt states the whole problem
-        assert pr.prompt == f"mod {pr.modulus}: {pr.start} " + " ".join(f"{o}{b}" for o, b in pr.ops) + "\n"
+        assert pr.prompt == (f"mod {pr.modulus}: {pr.start} " +
+                             " ".join(f"{'abcdefghijkl'[i]}{o}{b}" for i, (o, b) in enumerate(pr.ops)) + "\n")
 
 
 def test_generator_is_seeded_and_covers_the_ops():
@@ -41,12 +42,12 @@ def test_generator_is_seeded_and_covers_the_ops():
     assert {p.difficulty for p in mixed} == {2, 3, 4, 5}
     ops = [o for p in mixed for o in p.ops]
     assert {o for o, _ in ops} == set("+-*")
-    assert all((2 if o == "*" else 1) <= b < 13 for o, b in ops)
+    assert all((2 if o == "*" else 1) <= b < tasks.DEFAULT_MODULUS for o, b in ops)
 
 
 def test_wrong_result_marks_that_step_and_the_next():
     rng = random.Random(3)
-    for pr in tasks.generate_problems(60, difficulty=5, seed=11):
+    for pr in tasks.generate_problems(60, difficulty=5, seed=11, modulus=13):
         k = rng.randrange(5)
         lines = list(pr.steps)
         body, c = lines[k][:-1].split("=")
@@ -66,14 +67,14 @@ def test_wrong_result_marks_that_step_and_the_next():
 
 def test_continuing_from_a_wrong_state_is_locally_correct_and_answer_wrong():
     rng = random.Random(5)
-    for pr in tasks.generate_problems(60, difficulty=6, seed=12):
+    for pr in tasks.generate_problems(60, difficulty=6, seed=12, modulus=11):
         k = rng.randrange(6)
         lines, x = [], pr.start
         for i, (op, b) in enumerate(pr.ops):
-            y = _value(x, op, b, 13)
+            y = _value(x, op, b, 11)
             if i == k:
-                y = (y + rng.randrange(1, 13)) % 13
-            lines.append(f"{x}{op}{b}={y}\n")
+                y = (y + rng.randrange(1, 11)) % 11
+            lines.append(f"{'abcdef'[i]}: {x}{op}{b}={y}\n")
             x = y
         lines.append(f"Answer: {x}\n")
         text = "".join(lines)
@@ -85,19 +86,21 @@ def test_continuing_from_a_wrong_state_is_locally_correct_and_answer_wrong():
 
 
 def test_malformed_lines_extra_lines_and_partial_text():
-    pr = tasks.make_problem(7, [("+", 5), ("*", 3)])
-    assert pr.solution == "7+5=12\n12*3=10\nAnswer: 10\n"
-    assert pr.prompt == "mod 13: 7 +5 *3\n"
+    pr = tasks.make_problem(7, [("+", 5), ("*", 3)], modulus=13)
+    assert pr.solution == "a: 7+5=12\nb: 12*3=10\nAnswer: 10\n"
+    assert pr.prompt == "mod 13: 7 a+5 b*3\n"
     cases = {
-        "7+5=12\n12*3=10\nAnswer: 10\n": [True, True, True],
-        "7+5=12\n12*3=10\nAnswer: 10\nAnswer: 10\n": [True, True, True, False],
-        "7+5=12\n12*3=10\nAnswer: 1": [True, True, False],       # unterminated, checked as written
-        "7+5=12\n12*3=10\nAnswer: 9\n": [True, True, False],
-        "7+5=012\n12*3=10\n": [False, False],                    # non-canonical number, no state
-        "7+5=25\n25*3=10\n": [False, False],                     # out of range: no state either
-        "7 +5=12\n12*3=10\n": [False, False],                    # malformed: carries no state
-        "7+5=12\n12*4=9\n": [True, False],                       # wrong operand (12*4=48=9 mod 13)
-        "7+5=12\n12+3=2\n": [True, False],                       # wrong operator
+        "a: 7+5=12\nb: 12*3=10\nAnswer: 10\n": [True, True, True],
+        "a: 7+5=12\nb: 12*3=10\nAnswer: 10\nAnswer: 10\n": [True, True, True, False],
+        "a: 7+5=12\nb: 12*3=10\nAnswer: 1": [True, True, False],       # unterminated: checked as written
+        "a: 7+5=12\nb: 12*3=10\nAnswer: 9\n": [True, True, False],
+        "a: 7+5=012\nb: 12*3=10\n": [False, False],                    # non-canonical number: no state
+        "a: 7+5=25\nb: 25*3=10\n": [False, False],                     # out of range: no state either
+        "a: 7 +5=12\nb: 12*3=10\n": [False, False],                    # malformed: carries no state
+        "a: 7+5=12\nb: 12*4=9\n": [True, False],                       # wrong operand (48 = 9 mod 13)
+        "a: 7+5=12\nb: 12+3=2\n": [True, False],                       # wrong operator
+        "a: 7+5=12\nc: 12*3=10\n": [True, False],                      # wrong label
+        "b: 7+5=12\nb: 12*3=10\n": [False, True],                      # wrong label, right value
         "": [],
     }
     for text, flags in cases.items():

@@ -1,15 +1,16 @@
 """Multi-step modular arithmetic: the built-in reasoning task, with exact step-level checking.
 
-A problem is a start value and a chain of operations modulo a prime ``p`` (default 13)::
+A problem is a start value and a chain of labelled operations modulo a prime ``p`` (default 7)::
 
-    prompt   = "mod 13: 7 +5 *3 -4 *2 +9 *6\\n"
-    solution = "7+5=12\\n12*3=10\\n10-4=6\\n6*2=12\\n12+9=8\\n8*6=9\\nAnswer: 9\\n"
+    prompt   = "mod 7: 3 a+5 b*3 c-4 d*2 e+6 f*6\\n"
+    solution = "a: 3+5=1\\nb: 1*3=3\\nc: 3-4=6\\nd: 6*2=5\\ne: 5+6=4\\nf: 4*6=3\\nAnswer: 3\\n"
 
 The worked solution has ONE STEP PER LINE (``STEP_DELIMITER = "\\n"``): one line per operation,
-``"{a}{op}{b}={c}"`` with ``c = (a op b) mod p`` and ``a`` the previous line's result (the start
-value for the first line), then a final answer line ``"Answer: {c}"`` repeating the last result.
-The policy emits EOS after the answer line. Lines are short (5-11 characters), so a step is cheap
-to branch on.
+``"{label}: {a}{op}{b}={c}"`` with ``label = LABELS[i]`` (the operation's label in the prompt),
+``c = (a op b) mod p`` and ``a`` the previous line's result (the start value for the first line),
+then a final answer line ``"Answer: {c}"`` repeating the last result. The policy emits EOS after the
+answer line. Lines are short (9-12 characters), so a step is cheap to branch on. The labels let a
+small model find the operation of a line by content instead of by counting lines.
 
 Every operand is a bijection of Z_p (``+b``/``-b`` with ``b`` in 1..p-1, ``*b`` with ``b`` in 2..p-1,
 ``p`` prime), so one wrong intermediate result followed by correct steps always gives a wrong final
@@ -20,7 +21,7 @@ Step correctness (``check_steps``), for the ``i``-th line of a completion (0-bas
 *written* (possibly wrong) previous line:
 
 * ``i < n`` (operation lines, ``n = len(problem.ops)``): correct iff the line is exactly
-  ``"{a}{op}{b}={c}"`` in canonical decimal (no sign, no leading zeros), ``a`` equals the state
+  ``"{LABELS[i]}: {a}{op}{b}={c}"`` in canonical decimal (no sign, no leading zeros), ``a`` equals the state
   before it (the start value for ``i = 0``, else the ``c`` written by line ``i-1``; if line ``i-1``
   is malformed there is no state and line ``i`` is incorrect), ``(op, b)`` is the problem's ``i``-th
   operation, and ``c == (a op b) mod p``. So a step that correctly continues from a wrong state is
@@ -43,21 +44,22 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 __all__ = [
-    "ALPHABET", "STEP_DELIMITER", "ANSWER_PREFIX", "DEFAULT_MODULUS", "DEFAULT_DIFFICULTY",
+    "ALPHABET", "LABELS", "STEP_DELIMITER", "ANSWER_PREFIX", "DEFAULT_MODULUS", "DEFAULT_DIFFICULTY",
     "MAX_DIFFICULTY", "Problem", "make_problem", "generate_problems", "split_steps", "extract_answer",
     "check_answer", "check_steps", "prefix_correct", "make_tokenizer", "solution_text",
 ]
 
 STEP_DELIMITER = "\n"
 ANSWER_PREFIX = "Answer: "
-DEFAULT_MODULUS = 13
+DEFAULT_MODULUS = 7
 DEFAULT_DIFFICULTY = 6      # number of operations in a problem
 MAX_DIFFICULTY = 12
 OPS = "+-*"
 # Every character a prompt or solution can contain; the tokenizer vocabulary is built from it.
-ALPHABET = "0123456789+-*=: \nAdemnorsw"
+ALPHABET = "0123456789+-*=: \nabcdefghijklAmnorsw"
+LABELS = "abcdefghijkl"       # operation i is labelled LABELS[i] in the prompt and in its line
 
-_OP_LINE = re.compile(r"(0|[1-9][0-9]*)([+\-*])(0|[1-9][0-9]*)=(0|[1-9][0-9]*)")
+_OP_LINE = re.compile(r"([a-l]): (0|[1-9][0-9]*)([+\-*])(0|[1-9][0-9]*)=(0|[1-9][0-9]*)")
 _ANSWER_LINE = re.compile(re.escape(ANSWER_PREFIX) + r"(0|[1-9][0-9]*)")
 _ANY_ANSWER = re.compile(re.escape(ANSWER_PREFIX) + r"(-?[0-9]+)")
 
@@ -95,9 +97,9 @@ class Problem:
 def solution_text(start: int, ops: Sequence[Tuple[str, int]], modulus: int) -> Tuple[List[str], int]:
     """The canonical solution lines (each ending in ``"\\n"``) and the final value."""
     lines, x = [], start
-    for op, b in ops:
+    for i, (op, b) in enumerate(ops):
         y = _apply(x, op, b, modulus)
-        lines.append(f"{x}{op}{b}={y}{STEP_DELIMITER}")
+        lines.append(f"{LABELS[i]}: {x}{op}{b}={y}{STEP_DELIMITER}")
         x = y
     lines.append(f"{ANSWER_PREFIX}{x}{STEP_DELIMITER}")
     return lines, x
@@ -117,7 +119,7 @@ def make_problem(start: int, ops: Sequence[Tuple[str, int]], *, modulus: int = D
         if op not in OPS or not lo <= b < modulus:
             raise ValueError(f"make_problem: operation {op}{b} invalid; expected + or - with operand in "
                              f"1..{modulus - 1}, or * with operand in 2..{modulus - 1}")
-    prompt = f"mod {modulus}: {start} " + " ".join(f"{op}{b}" for op, b in ops) + STEP_DELIMITER
+    prompt = f"mod {modulus}: {start} " + " ".join(f"{LABELS[i]}{op}{b}" for i, (op, b) in enumerate(ops)) + STEP_DELIMITER
     lines, answer = solution_text(start, ops, modulus)
     return Problem(prompt=prompt, solution="".join(lines), answer=answer, steps=tuple(lines),
                    start=start, ops=ops, modulus=modulus)
@@ -181,9 +183,9 @@ def check_steps(problem: Problem, completion: str) -> List[bool]:
             ok = False
             nxt = None
             if m is not None:
-                a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+                a, op, b, c = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
                 nxt = c if c < p else None
-                ok = (state is not None and a == state and (op, b) == problem.ops[i]
+                ok = (m.group(1) == LABELS[i] and state is not None and a == state and (op, b) == problem.ops[i]
                       and c == _apply(a, op, b, p))
             flags.append(ok)
             state = nxt
