@@ -1,0 +1,646 @@
+#!/usr/bin/env python
+"""Train the built-in policy and process reward model (PRM) for the modular-arithmetic task.
+
+Reproduce the shipped weights (2-core CPU, about 15 minutes)::
+
+    python scripts/train_builtin.py --out python/ttscale/data/builtin --seed 0
+
+Everything is plain torch (autograd, AdamW); no ttscale op and no transformers code is used, and the
+outputs are valid Hugging Face Llama checkpoints (``<out>/policy``: ``LlamaForCausalLM``;
+``<out>/prm``: ``LlamaForSequenceClassification`` with ``num_labels=1``), each with
+``config.json``, ``model.safetensors`` (float32, HF tensor names) and ``ttscale_tokenizer.json``.
+``<out>/meta.json`` records the seed, the configuration, the steps run, the wall time and the
+accuracies measured at the end.
+
+Pipeline (all randomness from ``--seed``):
+
+1. Policy. A Llama decoder (:class:`Llama`, HF semantics: RMSNorm, rotate-half RoPE, GQA, SwiGLU) is
+   trained with next-token loss on the solution tokens (and EOS) of freshly generated problems with
+   a mix of lengths. Every ``--eval-every`` steps one temperature-``--temperature`` sample per
+   validation problem (default difficulty) is checked; training stops as soon as the accuracy
+   reaches ``--stop-acc`` (or after ``--policy-steps``). The policy is deliberately stopped while
+   it still makes mistakes, so that search has something to fix.
+2. PRM data. The policy samples ``--prm-samples`` completions per problem for fresh problems; every
+   line gets the exact label "all steps so far are correct" (``prefix_correct(check_steps(...))``).
+   Synthetic negatives balance them: a gold solution with one corrupted line (wrong result, wrong
+   operand, wrong left value) continued correctly from the corrupted state.
+3. PRM. Same architecture, initialised from the policy and trained further with BCE on the step
+   labels plus the next-token loss on gold solutions (the LM loss keeps teaching it arithmetic; its
+   LM head is not saved). The PRM therefore knows the arithmetic better than the policy, as a
+   verifier should.
+
+PRM semantics (what the shipped checkpoint computes): input ``<bos> + prompt + completion prefix``;
+the score of step ``i`` is ``sigmoid(score . h)`` at the position of the step's final ``"\\n"`` token
+(for ``LlamaForSequenceClassification`` that is the pooled output when the input ends there), the
+probability that step ``i`` and every step before it are correct. One forward pass over a whole
+completion gives every step's score (the model is causal).
+
+Sequences are ``<bos> prompt solution <eos>`` with the built-in ``CharTokenizer``
+(``ttscale.tasks.make_tokenizer()``). Library code (the model, sampling, saving) is importable from
+this file; ``tests/test_train_builtin.py`` runs a tiny configuration and loads the outputs in
+transformers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    from ttscale.tasks import modarith as task
+except ImportError:  # running from a checkout without an installed package: use the source tree
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+    from ttscale.tasks import modarith as task
+
+
+# --------------------------------------------------------------------------------------------------
+# Model: HF Llama semantics in plain torch
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 64
+    max_position_embeddings: int = 256
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dt)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        # x [B, T, H]; cos/sin [B, T, D]; mask: None (plain causal, no cache) or bool [B, 1, T, S]
+        B, T, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is not None:
+            if cache[0] is not None:
+                k = torch.cat([cache[0], k], dim=2)
+                v = torch.cat([cache[1], v], dim=2)
+            cache[0], cache[1] = k, v
+        rep = c.num_attention_heads // c.num_key_value_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(c)
+        self.mlp = MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """HF ``LlamaModel``: parameter names match ``model.*`` of the HF checkpoint."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList([Layer(c) for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.int64).float() / c.head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, ids, pos=None, mask=None, caches=None):
+        """ids [B, T]; pos [B, T] positions (default 0..T-1); mask bool [B, 1, T, S] (True = attend)
+        or None for plain causal attention without a cache; caches: list of [k, v] per layer."""
+        B, T = ids.shape
+        if pos is None:
+            pos = torch.arange(T, device=ids.device).expand(B, T)
+        freqs = pos[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        x = self.embed_tokens(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if caches is None else caches[i])
+        return self.norm(x)
+
+
+class Llama(nn.Module):
+    """Backbone + LM head (policy) + scalar score head (PRM). Only the parts of a kind are saved."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.model = Backbone(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.score = nn.Linear(c.hidden_size, 1, bias=False)
+        std = 0.02
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+        # GPT-2 style: residual projections scaled down with depth keeps early training stable.
+        for layer in self.model.layers:
+            nn.init.normal_(layer.self_attn.o_proj.weight, std=std / math.sqrt(2 * c.num_hidden_layers))
+            nn.init.normal_(layer.mlp.down_proj.weight, std=std / math.sqrt(2 * c.num_hidden_layers))
+
+    def forward(self, ids, pos=None, mask=None, caches=None):
+        h = self.model(ids, pos, mask, caches)
+        return self.lm_head(h), self.score(h).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+def encode_example(tok, prompt: str, completion: str, eos: bool) -> Tuple[List[int], int]:
+    """``<bos> prompt completion [<eos>]`` ids and the index of the first completion token."""
+    p = [tok.bos_token_id] + tok.encode(prompt)
+    ids = p + tok.encode(completion) + ([tok.eos_token_id] if eos else [])
+    return ids, len(p)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad: int, fill=None) -> torch.Tensor:
+    L = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), L), pad if fill is None else fill, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return out
+
+
+def lm_batch(tok, problems) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (-100 outside solution+EOS) for gold solutions."""
+    ids, tgt = [], []
+    for pr in problems:
+        x, start = encode_example(tok, pr.prompt, pr.solution, eos=True)
+        ids.append(x[:-1])
+        tgt.append([-100] * (start - 1) + x[start:])
+    return pad_right(ids, tok.pad_token_id), pad_right(tgt, -100, fill=-100)
+
+
+def step_label_example(tok, pr, completion: str, eos: bool) -> Tuple[List[int], List[int]]:
+    """Ids and per-position labels (-1 = no label; 0/1 at each step's final "\\n")."""
+    ids, start = encode_example(tok, pr.prompt, completion, eos=eos)
+    labels = [-1] * len(ids)
+    ok = task.prefix_correct(task.check_steps(pr, completion))
+    pos = start - 1
+    for line, good in zip(task.split_steps(completion), ok):
+        pos += len(line)
+        if line.endswith(task.STEP_DELIMITER):
+            labels[pos] = int(good)
+    return ids, labels
+
+
+def corrupt_solution(pr, rng: random.Random) -> str:
+    """The gold solution with one line made wrong, continued correctly from the wrong state."""
+    p = pr.modulus
+    n = len(pr.ops)
+    k = rng.randrange(n + 1)
+    lines, x = [], pr.start
+    for i, (op, b) in enumerate(pr.ops):
+        a = x
+        if i == k:
+            kind = rng.randrange(3)
+            if kind == 0:      # wrong result
+                y = (task._apply(a, op, b, p) + rng.randrange(1, p)) % p
+            elif kind == 1:    # wrong operand or operator copied from the prompt
+                op2, b2 = op, b
+                while (op2, b2) == (op, b):
+                    op2 = rng.choice(task.OPS)
+                    b2 = rng.randint(2 if op2 == "*" else 1, p - 1)
+                op, b = op2, b2
+                y = task._apply(a, op, b, p)
+            else:              # wrong left value (copy error), computed correctly from it
+                a = (a + rng.randrange(1, p)) % p
+                y = task._apply(a, op, b, p)
+        else:
+            y = task._apply(a, op, b, p)
+        lines.append(f"{task.LABELS[i]}: {a}{op}{b}={y}\n")
+        x = y
+    ans = x if k < n else (x + rng.randrange(1, p)) % p
+    lines.append(f"{task.ANSWER_PREFIX}{ans}\n")
+    return "".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling (KV cache, left padding) and PRM scoring
+# --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample(model: Llama, tok, prompts: Sequence[str], *, temperature: float, max_new_tokens: int,
+           generator: torch.Generator, batch_size: int = 512) -> List[str]:
+    """One completion per prompt (text without special tokens, cut at EOS)."""
+    out: List[str] = []
+    for s in range(0, len(prompts), batch_size):
+        out.extend(_sample_batch(model, tok, prompts[s:s + batch_size], temperature, max_new_tokens, generator))
+    return out
+
+
+def _sample_batch(model, tok, prompts, temperature, max_new_tokens, generator):
+    enc = [[tok.bos_token_id] + tok.encode(p) for p in prompts]
+    B, P = len(enc), max(len(e) for e in enc)
+    ids = torch.full((B, P), tok.pad_token_id, dtype=torch.long)
+    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool)
+    for i, e in enumerate(enc):   # left padding: every prompt ends at column P-1
+        ids[i, P - len(e):] = torch.tensor(e)
+        valid[i, P - len(e):P] = True
+    pos = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)
+    caches = [[None, None] for _ in range(model.c.num_hidden_layers)]
+    causal = torch.ones(P, P, dtype=torch.bool).tril()
+    mask = (causal[None] & valid[:, None, :P])[:, None]
+    # a fully padded query row would give NaN in SDPA: let pad queries see themselves
+    mask = mask | torch.eye(P, dtype=torch.bool)[None, None]
+    logits, _ = model(ids, pos, mask, caches)
+    last = logits[:, -1]
+    next_pos = pos[:, -1] + 1
+    gen = torch.zeros(B, 0, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool)
+    for t in range(max_new_tokens):
+        if temperature == 0:
+            nxt = last.argmax(-1)
+        else:
+            probs = torch.softmax(last.float() / temperature, -1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, tok.pad_token_id), nxt)
+        gen = torch.cat([gen, nxt[:, None]], 1)
+        done = done | (nxt == tok.eos_token_id)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        valid[:, P + t] = True
+        mask = valid[:, None, None, :P + t + 1]
+        logits, _ = model(nxt[:, None], next_pos[:, None], mask, caches)
+        last = logits[:, -1]
+        next_pos = next_pos + 1
+    texts = []
+    for row in gen.tolist():
+        if tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id)]
+        texts.append(tok.decode(row))
+    return texts
+
+
+@torch.no_grad()
+def prm_step_scores(model: Llama, tok, problems, completions: Sequence[str], batch_size: int = 256
+                    ) -> List[List[float]]:
+    """Sigmoid PRM score at every "\\n"-terminated step of each completion."""
+    res: List[List[float]] = []
+    for s in range(0, len(completions), batch_size):
+        exs = [step_label_example(tok, pr, c, eos=False) for pr, c in
+               zip(problems[s:s + batch_size], completions[s:s + batch_size])]
+        ids = pad_right([e[0] for e in exs], tok.pad_token_id)
+        _, score = model(ids)
+        prob = torch.sigmoid(score)
+        for i, (_, lab) in enumerate(exs):
+            res.append([float(prob[i, j]) for j, l in enumerate(lab) if l >= 0])
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving as HF checkpoints
+# --------------------------------------------------------------------------------------------------
+
+def hf_config(c: ModelConfig, tok, kind: str) -> Dict:
+    cfg = dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM" if kind == "policy" else "LlamaForSequenceClassification"],
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta, rope_scaling=None, hidden_act="silu", attention_bias=False,
+        attention_dropout=0.0, mlp_bias=False, tie_word_embeddings=False, torch_dtype="float32",
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        initializer_range=0.02, use_cache=True,
+    )
+    if kind == "prm":
+        cfg.update(num_labels=1, problem_type="regression", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    return cfg
+
+
+def save_checkpoint(model: Llama, tok, directory: str, kind: str) -> None:
+    """``kind`` "policy" saves ``model.*`` + ``lm_head.weight``; "prm" saves ``model.*`` + ``score.weight``."""
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    sd = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()
+          if k.startswith("model.")}
+    head = "lm_head.weight" if kind == "policy" else "score.weight"
+    sd[head] = model.state_dict()[head].detach().float().contiguous().clone()
+    save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config(model.c, tok, kind), f, indent=1)
+    tok.save(directory)
+
+
+def load_checkpoint(directory: str) -> Tuple[Llama, object]:
+    """Load a checkpoint written by :func:`save_checkpoint` back into :class:`Llama`."""
+    from safetensors.torch import load_file
+    from ttscale.engine.tokenizer import CharTokenizer
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+    c = ModelConfig(**{k: cfg[k] for k in ModelConfig.__dataclass_fields__})
+    m = Llama(c)
+    missing, unexpected = m.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=False)
+    if unexpected or any(k.startswith("model.") for k in missing):
+        raise ValueError(f"load_checkpoint: {directory}: missing {missing}, unexpected {unexpected}")
+    return m.eval(), CharTokenizer.load(directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 100
+    policy_steps: int = 600        # upper bound; the accuracy stop usually ends it earlier
+    stop_acc: float = 0.40          # stop the policy once one sample is right this often
+    eval_every: int = 50
+    eval_problems: int = 128
+    min_difficulty: int = 2
+    max_difficulty: int = 8
+    difficulty: int = task.DEFAULT_DIFFICULTY
+    modulus: int = task.DEFAULT_MODULUS
+    temperature: float = 1.0
+    prm_problems: int = 512
+    prm_samples: int = 4
+    prm_steps: int = 250
+    prm_lr: float = 1e-3
+    prm_lm_weight: float = 1.0
+    test_problems: int = 200
+    test_samples: int = 8
+    threads: int = 1               # 1 is much faster than 2 on a busy 2-core machine
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _policy_accuracy(model, tok, problems, temperature, gen) -> float:
+    model.eval()
+    outs = sample(model, tok, [p.prompt for p in problems], temperature=temperature,
+                  max_new_tokens=_max_new(problems), generator=gen)
+    model.train()
+    return sum(task.check_answer(p, o) for p, o in zip(problems, outs)) / len(problems)
+
+
+def _max_new(problems) -> int:
+    return max(len(p.solution) for p in problems) + 16
+
+
+def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pairs = sorted(zip(scores, labels))
+    n_pos = sum(labels)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + j + 1) / 2  # 1-based average rank of the tie group
+        rank_sum += avg_rank * sum(l for _, l in pairs[i:j])
+        i = j
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def evaluate(policy, prm, tok, tc: TrainConfig, seed: int, log=print) -> Dict:
+    """Single-sample accuracy, majority-of-N, PRM best-of-N, oracle pass@N and PRM step AUC on
+    ``tc.test_problems`` held-out problems with ``tc.test_samples`` samples each."""
+    probs = task.generate_problems(tc.test_problems, difficulty=tc.difficulty, seed=seed, modulus=tc.modulus)
+    n = tc.test_samples
+    rep = [p for p in probs for _ in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    outs = sample(policy, tok, [p.prompt for p in rep], temperature=tc.temperature,
+                  max_new_tokens=_max_new(probs), generator=gen)
+    scores = prm_step_scores(prm, tok, rep, outs)
+    correct = [task.check_answer(p, o) for p, o in zip(rep, outs)]
+    step_s, step_l, step_acc = [], [], []
+    for p, o, s in zip(rep, outs, scores):
+        lab = [int(x) for x, line in zip(task.prefix_correct(task.check_steps(p, o)), task.split_steps(o))
+               if line.endswith("\n")]
+        step_s += s
+        step_l += lab
+        step_acc += [int((v > 0.5) == bool(l)) for v, l in zip(s, lab)]
+    maj = bon = bon_min = orc = 0
+    for i, p in enumerate(probs):
+        o = outs[i * n:(i + 1) * n]
+        s = scores[i * n:(i + 1) * n]
+        answers = [task.extract_answer(x) for x in o]
+        counts: Dict = {}
+        for a in answers:
+            if a is not None:
+                counts[a] = counts.get(a, 0) + 1
+        if counts:
+            maj += int(max(counts.items(), key=lambda kv: (kv[1], -answers.index(kv[0])))[0] == p.answer)
+        last = [x[-1] if x else 0.0 for x in s]
+        mins = [min(x) if x else 0.0 for x in s]
+        bon += int(answers[max(range(n), key=lambda j: last[j])] == p.answer)
+        bon_min += int(answers[max(range(n), key=lambda j: mins[j])] == p.answer)
+        orc += int(any(a == p.answer for a in answers))
+    m = len(probs)
+    res = dict(problems=m, samples_per_problem=n, temperature=tc.temperature, difficulty=tc.difficulty,
+               single_sample_acc=sum(correct) / len(correct), majority_of_n_acc=maj / m,
+               prm_best_of_n_acc_last=bon / m, prm_best_of_n_acc_min=bon_min / m, oracle_pass_at_n=orc / m,
+               prm_step_auc=auc(step_s, step_l), prm_step_acc=sum(step_acc) / max(1, len(step_acc)),
+               steps_labelled=len(step_l), steps_positive_frac=sum(step_l) / max(1, len(step_l)))
+    log("eval: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
+    return res
+
+
+def train(tc: TrainConfig, out: str, log=print) -> Dict:
+    t0 = time.time()
+    torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    rng = random.Random(tc.seed)
+    tok = task.make_tokenizer()
+    mc = ModelConfig(vocab_size=tok.vocab_size, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+                     num_hidden_layers=tc.num_hidden_layers, num_attention_heads=tc.num_attention_heads,
+                     num_key_value_heads=tc.num_key_value_heads)
+    if mc.num_attention_heads * mc.head_dim != mc.hidden_size:
+        log(f"note: num_attention_heads*head_dim = {mc.num_attention_heads * mc.head_dim} != hidden_size")
+    model = Llama(mc)
+    log(f"params: {sum(p.numel() for n_, p in model.named_parameters() if n_ != 'score.weight'):,}")
+    diff = (tc.min_difficulty, tc.max_difficulty)
+    val = task.generate_problems(tc.eval_problems, difficulty=tc.difficulty, seed=tc.seed + 1_000_003, modulus=tc.modulus)
+    gen = torch.Generator().manual_seed(tc.seed)
+
+    # ---- 1. policy
+    opt = torch.optim.AdamW([p for n_, p in model.named_parameters() if n_ != "score.weight"], lr=tc.lr,
+                            betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    history = []
+    step = 0
+    for step in range(1, tc.policy_steps + 1):
+        # constant LR after warmup: the stop is by accuracy, so no schedule end to aim at
+        for g in opt.param_groups:
+            g["lr"] = tc.lr * min(1.0, step / tc.warmup)
+        probs = task.generate_problems(tc.batch_size, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
+        x, y = lm_batch(tok, probs)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % tc.eval_every == 0 or step == tc.policy_steps:
+            acc = _policy_accuracy(model, tok, val, tc.temperature, gen)
+            history.append(dict(step=step, loss=round(loss.item(), 4), val_acc=acc))
+            log(f"policy step {step} loss {float(loss):.4f} val_acc {acc:.3f} ({time.time() - t0:.0f}s)")
+            if acc >= tc.stop_acc:
+                break
+    policy_steps_run = step
+    model.eval()
+    save_checkpoint(model, tok, os.path.join(out, "policy"), "policy")
+    policy_state = {k: v.clone() for k, v in model.state_dict().items()}
+    t_policy = time.time() - t0
+
+    # ---- 2. PRM data: policy samples labelled exactly, plus synthetic corruptions
+    prm_probs = task.generate_problems(tc.prm_problems, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
+    rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
+    outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.temperature,
+                  max_new_tokens=_max_new(prm_probs), generator=gen)
+    data = [step_label_example(tok, p, o, eos=False) for p, o in zip(rep, outs)]
+    pos = sum(l == 1 for _, lab in data for l in lab)
+    neg = sum(l == 0 for _, lab in data for l in lab)
+    log(f"prm data: {len(data)} policy samples, step labels +{pos} -{neg} ({time.time() - t0:.0f}s)")
+    t_data = time.time() - t0 - t_policy
+
+    # ---- 3. PRM: from the policy weights, BCE on step labels + LM loss on gold solutions
+    prm = Llama(mc)
+    prm.load_state_dict(policy_state)
+    nn.init.zeros_(prm.score.weight)
+    opt = torch.optim.AdamW(prm.parameters(), lr=tc.prm_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    prm.train()
+    half = tc.batch_size // 2
+    for step in range(1, tc.prm_steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step - 1, tc.prm_steps, tc.prm_lr, tc.warmup)
+        # half policy samples, half synthetic (one corrupted line or gold), labelled per step
+        batch = [data[rng.randrange(len(data))] for _ in range(half)]
+        syn = task.generate_problems(half, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
+        for p in syn:
+            comp = corrupt_solution(p, rng) if rng.random() < 0.7 else p.solution
+            batch.append(step_label_example(tok, p, comp, eos=False))
+        ids = pad_right([b[0] for b in batch], tok.pad_token_id)
+        lab = pad_right([b[1] for b in batch], -1, fill=-1)
+        _, score = prm(ids)
+        m = lab >= 0
+        bce = F.binary_cross_entropy_with_logits(score[m], lab[m].float())
+        x, y = lm_batch(tok, task.generate_problems(half, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus))
+        logits, _ = prm(x)
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+        loss = bce + tc.prm_lm_weight * lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(prm.parameters(), 1.0)
+        opt.step()
+        if step % tc.eval_every == 0 or step == tc.prm_steps:
+            log(f"prm step {step} bce {float(bce):.4f} lm {float(lm):.4f} ({time.time() - t0:.0f}s)")
+    prm.eval()
+    save_checkpoint(prm, tok, os.path.join(out, "prm"), "prm")
+    t_prm = time.time() - t0 - t_policy - t_data
+
+    # ---- 4. held-out evaluation
+    res = evaluate(model, prm, tok, tc, seed=tc.seed + 2_000_003, log=log) if tc.test_problems > 0 else {}
+    meta = dict(
+        task="ttscale.tasks.modarith", modulus=tc.modulus, seed=tc.seed, train_config=asdict(tc),
+        model_config=asdict(mc), policy_steps_run=policy_steps_run, prm_steps_run=tc.prm_steps,
+        policy_history=history, prm_data=dict(policy_samples=len(data), positive_steps=pos, negative_steps=neg),
+        weights_dtype="float32",
+        wall_seconds=dict(policy=round(t_policy, 1), prm_data=round(t_data, 1), prm=round(t_prm, 1),
+                          total=round(time.time() - t0, 1)),
+        torch_version=torch.__version__, threads=tc.threads,
+        eval=res,
+        command="python scripts/train_builtin.py --out " + out + "".join(
+            f" --{k.replace('_', '-')} {v}" for k, v in asdict(tc).items()
+            if k == "seed" or v != TrainConfig.__dataclass_fields__[k].default),
+    )
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    log(f"done in {time.time() - t0:.0f}s -> {out}")
+    return meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="output folder (policy/, prm/, meta.json go there)")
+    for name, field in TrainConfig.__dataclass_fields__.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(field.default), default=field.default)
+    a = vars(ap.parse_args(argv))
+    out = a.pop("out")
+    return train(TrainConfig(**a), out, log=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()
