@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/parallel.h"
 #include "common/cpu_dispatch.h"
 #include "common/dispatch.h"
 
@@ -160,7 +161,11 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   if (!units.empty()) {
     const CpuKernels* K = TT_CPU_SELECT(attention_kernels);
     const int64_t scratch_n = cpu_scratch_floats(G * tq, L.D);
-    at::parallel_for(0, (int64_t)units.size(), 1, [&](int64_t begin, int64_t end) {
+    // upper bound of the q.k and p.v multiply-adds (no causal discount): small calls stay inline
+    double macs = 0.0;
+    for (int64_t b = 0; b < L.B; ++b) macs += 2.0 * (double)(p.q_len(b) * L.Hq) * (double)p.k_len(b) * (double)L.D;
+    at::parallel_for(0, (int64_t)units.size(), grain_for_total((int64_t)units.size(), macs, kMinParallelMacs),
+                     [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(scratch_n);
       for (int64_t u = begin; u < end; ++u) {
         const Unit& w = units[u];

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/parallel.h"
 #include "common/cpu_dispatch.h"
 #include "common/dispatch.h"
 #include "ops/paged_attention/paged_checks.h"
@@ -120,7 +121,9 @@ std::tuple<Tensor, Tensor> paged_attention_cpu(const Tensor& q, const Tensor& k_
   float* part_l = part_lse.data_ptr<float>();
   const CpuKernels* K = TT_CPU_SELECT(paged_kernels);
   const int64_t n_items = n_base * n_split;
-  at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
+  double macs = 0.0;  // q.k and p.v multiply-adds of the whole call (work of small decodes stays inline)
+  for (const Base& x : base) macs += 2.0 * (double)((x.q1 - x.q0) * Hq) * (double)(x.k1 - x.k0) * (double)D;
+  at::parallel_for(0, n_items, grain_for_total(n_items, macs, kMinParallelMacs), [&](int64_t begin, int64_t end) {
     std::vector<char> scratch;
     std::vector<float> tmp_o, tmp_l;
     for (int64_t i = begin; i < end; ++i) {
@@ -154,7 +157,7 @@ std::tuple<Tensor, Tensor> paged_attention_cpu(const Tensor& q, const Tensor& k_
   float* lse_p = lse.data_ptr<float>();
   TT_DISPATCH_FLOAT(p.dtype, OT, {
     OT* out_p = static_cast<OT*>(out.data_ptr());
-    at::parallel_for(0, T, 16, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, T, grain_for(T, (double)(n_split * Hq * D), kMinParallelElems), [&](int64_t b0, int64_t b1) {
       finalize_rows<OT>(part_p + b0 * Hq * D, part_l + b0 * Hq, n_split, T * Hq, (b1 - b0) * Hq, D,
                         out_p + b0 * Hq * D, lse_p + b0 * Hq);
     });
@@ -195,7 +198,7 @@ void merge_cpu_into(const Tensor& a, const Tensor& la, const Tensor& b, const Te
   const float* lap = lac.data_ptr<float>();
   const float* lbp = lbc.data_ptr<float>();
   float* lop = lse.data_ptr<float>();
-  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, n, grain_for(n, (double)D, kMinParallelElems), [&](int64_t r0, int64_t r1) {
     K->merge_rows(dt, r1 - r0, D, ap + r0 * D * es, D, lap + r0, bp + r0 * D * es, D, lbp + r0, op + r0 * D * es, D,
                   lop + r0);
   });

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/parallel.h"
 #include "common/cpu_dispatch.h"
 #include "common/dispatch.h"
 
@@ -342,7 +343,8 @@ std::tuple<Tensor, Tensor> sample_cpu(const Tensor& x, const c10::optional<Tenso
 
   std::vector<RowPlan> plans(B);
   RowError err;
-  at::parallel_for(0, (int64_t)rows.size(), 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (int64_t)rows.size(), grain_for((int64_t)rows.size(), (double)V, kMinParallelElems),
+                   [&](int64_t b0, int64_t b1) {
     for (int64_t q = b0; q < b1; ++q) {
       const int64_t r = rows[q];
       const double kv = Kp.at(r);
@@ -354,7 +356,8 @@ std::tuple<Tensor, Tensor> sample_cpu(const Tensor& x, const c10::optional<Tenso
 
   int64_t* out = tokens.data_ptr<int64_t>();
   float* lp = return_logprobs ? logprobs.data_ptr<float>() : nullptr;
-  at::parallel_for(0, N, 256, [&](int64_t i0, int64_t i1) {
+  // a draw is a binary search plus one block rescan, ~256 elements
+  at::parallel_for(0, N, grain_for(N, 256.0, kMinParallelElems), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = indices ? idx[i] : i;
       const RowView row = row_view(r);
@@ -409,7 +412,7 @@ Tensor token_logprobs_cpu(const Tensor& logits, const Tensor& tokens, const c10:
   const int64_t row_bytes = logits.stride(0) * (int64_t)logits.element_size();
   float* o = out.data_ptr<float>();
   RowError err;
-  at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, B, grain_for(B, 2.0 * (double)V, kMinParallelElems), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const RowView row{base + r * row_bytes, dt, V};
       float m;
@@ -481,7 +484,7 @@ void speculative_rows(const Tensor& draft_tokens, const Tensor& draft_probs,
   const T* pd = static_cast<const T*>(p.data_ptr());
   int64_t* ot = out_tokens.data_ptr<int64_t>();
   int64_t* na = num_accepted.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(B, (double)(n * V), kMinParallelElems), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint64_t sd = (uint64_t)seeds[per_seed ? b : 0], of = (uint64_t)offs[per_off ? b : 0];
       const uint64_t ss = sample_subseq(b, per_seed);
