@@ -3,7 +3,8 @@
 * ``QuantLinear``: an ``nn.Linear`` with a low-bit ``QuantizedWeight`` (``ttscale.ops.quantize``)
   computed by ``ttscale.ops.quant_matmul``. ``QuantLinear.from_linear(linear, bits, group_size,
   symmetric)`` quantizes an existing layer; the packed codes, scales and zeros are buffers, so
-  ``state_dict`` round-trips.
+  ``state_dict`` round-trips. ``QuantLinear(qw, bias)`` wraps any ``QuantizedWeight``, e.g. one
+  imported with ``ttscale.ops.from_gptq`` / ``from_awq``.
 * ``quantize_model(model, bits=4, group_size=128, symmetric=False, filter=None)`` replaces every
   ``nn.Linear`` in place (those for which ``filter(name, module)`` is true, when given) and returns
   the model; layers whose ``in_features`` is not a multiple of ``group_size`` are left unchanged.
@@ -28,6 +29,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("packed", qw.packed)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
+        self.register_buffer("perm", qw.perm)  # input permutation of act-order imports (None otherwise)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -41,7 +43,7 @@ class QuantLinear(nn.Module):
     @property
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(self.packed, self.scales, self.zeros, self.bits, self.group_size,
-                               (self.out_features, self.in_features), self.layout)
+                               (self.out_features, self.in_features), self.layout, self.perm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
