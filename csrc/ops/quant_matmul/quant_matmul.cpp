@@ -91,6 +91,7 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   float* yp = y.data_ptr<float>();
   const float zsym = (float)(1 << (bits - 1));
   const int64_t rec = 2 * bits;
+  const uint8_t* lanes = kern->lane_rows((int)bits);
 
   // Dynamic schedule: each thread takes `chunk` blocks at a time from a shared counter, so a thread
   // slowed down by other load on the machine does not hold up the others (static halves did).
@@ -106,29 +107,22 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n0 = b * kNB;
         const int64_t nv = N - n0 < kNB ? N - n0 : kNB;
-        for (int64_t i = 0; i < kNB; ++i) {
+        for (int64_t l = 0; l < kNB; ++l) {
+          const int64_t i = lanes[l];
           const int64_t n = n0 + (i < nv ? i : nv - 1);  // padded rows reuse a valid row (never written)
           for (int64_t g = 0; g < ng; ++g) {
-            sbuf[g * kNB + i] = sp[n * ng + g];
-            zbuf[g * kNB + i] = zp ? (float)zp[n * ng + g] : zsym;
+            sbuf[g * kNB + l] = sp[n * ng + g];
+            zbuf[g * kNB + l] = zp ? (float)zp[n * ng + g] : zsym;
           }
         }
         BlockArgs a;
         a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
         a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
         a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
-        if (gemv) {
-          for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {  // rows in chunks of kGemvRows (codes stay in L1/L2)
-            BlockArgs c = a;
-            c.x = xp + m0 * K; c.xsum = xsp + m0 * ng; c.y = ybuf.data() + m0 * kNB;
-            c.M = M - m0 < kGemvRows ? M - m0 : kGemvRows;
-            kern->gemv_block(c);
-          }
-        } else {
-          kern->gemm_block(a);
-        }
+        if (gemv) kern->gemv_block(a); else kern->gemm_block(a);
         for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = 0; i < nv; ++i) yp[m * N + n0 + i] = ybuf[m * kNB + i];
+          for (int64_t l = 0; l < kNB; ++l)
+            if (lanes[l] < nv) yp[m * N + n0 + lanes[l]] = ybuf[m * kNB + l];
       }
     }
   });

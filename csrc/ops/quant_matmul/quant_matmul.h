@@ -21,11 +21,16 @@
 //   into fp32 [K/G][16] (16 scalar conversions per group of 16*G weights).
 //
 // CPU algorithm, parallel over row blocks:
-//   M <= kGemvMaxM (GEMV): each block's codes are read from memory once (rows of x in chunks of
-//     kGemvRows re-read them from cache); >= 8 independent FMA chains; per group g and row m
-//     acc = sum_k q[n,k] x[m,k] (codes converted exactly to fp32), then
-//     y[m,n] += s[n,g] * (acc - z[n,g] * xsum[m,g]) with xsum the group sum of x.
-//     Per 8 weights (AVX2, 4-bit): vpbroadcastd + vpsrlvd + vpand + vcvtdq2ps, then one FMA per row.
+//   M <= kGemvMaxM (GEMV): rows of x in chunks of 6 (AVX2/generic; 8 on AVX-512); per chunk the
+//     block's codes are streamed once (from memory for the first chunk, from L2 after); per group g
+//     and row m acc = sum_k q[n,k] x[m,k] (codes converted exactly to fp32), then
+//     y[m,n] += s[n,g] * (acc - z[n,g] * xsum[m,g]) with xsum the group sum of x. Each unpacked
+//     record feeds every row of the chunk and both 8-lane halves of the block (one broadcast of x
+//     per row and feature); >= 8 independent FMA chains.
+//     AVX2, 4-bit: one 8-byte vpmovzxbd + vpand + vpsrld + 2 vcvtdq2ps per 16 codes (rows land in
+//     even/odd lane order, see CpuKernels::lane_rows), then 2 FMAs per row.
+//     Measured (2-core AVX2 EPYC, busy): the GEMV path is faster than the GEMM path at M = 16 and
+//     equal at M = 64, hence kGemvMaxM = 32.
 //   M > kGemvMaxM (GEMM): a tile of kKTile features of the block is dequantised once into an fp32
 //     buffer [kKTile][16] ((q - z) * s) and reused by every row of x (register tiles of 8 rows x 1
 //     vector on AVX-512, 6 rows x 2 vectors on AVX2).
@@ -41,8 +46,7 @@ namespace ttscale {
 namespace quant_matmul {
 
 constexpr int kNB = 16;          // output rows per packed block
-constexpr int kGemvMaxM = 16;    // M <= this: the streaming GEMV path
-constexpr int kGemvRows = 8;     // rows of x per GEMV kernel call
+constexpr int kGemvMaxM = 32;    // M <= this: the streaming GEMV path
 constexpr int64_t kKTile = 256;  // features dequantised at once in the GEMM path
 
 // One block of 16 output rows: y[m][0..16) = x[m] . w'[n0 + i] for all m < M.
@@ -59,9 +63,13 @@ struct BlockArgs {
   int bits;
 };
 
+// Both block kernels keep the 16 rows of a block in SIMD lanes in the order lane_rows(bits) gives
+// (lane L holds row lane_rows(bits)[L]; the identity except where a cheaper unpack permutes rows):
+// BlockArgs::s, ::z and ::y are in lane order.
 struct CpuKernels {
-  void (*gemv_block)(const BlockArgs& a);
+  void (*gemv_block)(const BlockArgs& a);  // a.M <= kGemvMaxM rows
   void (*gemm_block)(const BlockArgs& a);
+  const uint8_t* (*lane_rows)(int bits);
 };
 
 }  // namespace quant_matmul
