@@ -130,13 +130,63 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   return y.to(x.scalar_type()).view(out_shape);
 }
 
+// ---------------------------------------------------------------- CUDA layout repack (on CPU)
+// codes [N, K] uint8 -> "cuda_k32" int32 [N, K*bits/32] (quant_matmul.h), through chunk_set.
+Tensor quant_pack_k32(const Tensor& codes, int64_t bits) {
+  TT_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  TT_CHECK(codes.device().is_cpu(), "codes must be a CPU tensor (repack runs on the host), got ", codes.device());
+  TT_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2, "codes must be a 2-D uint8 tensor [N, K], got ",
+           codes.scalar_type(), " ", codes.sizes());
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TT_CHECK_VALUE(K % 32 == 0, "codes K = ", K, " must be a multiple of 32 for the cuda_k32 layout");
+  const Tensor c = codes.contiguous();
+  TT_CHECK_VALUE(N * K == 0 || c.max().item<int64_t>() < (1 << bits), "codes must be < 2^bits = ", 1 << bits);
+  Tensor out = at::zeros({N, K * bits / 32}, codes.options().dtype(at::kInt));
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c0 = 0; c0 < K / 32; ++c0)
+        for (int j = 0; j < 32; ++j)
+          chunk_set(op + (n * (K / 32) + c0) * bits, (int)bits, j, cp[n * K + c0 * 32 + j]);
+  });
+  return out;
+}
+
+// "cuda_k32" int32 [N, K*bits/32] -> codes [N, K] uint8, through chunk_code.
+Tensor quant_unpack_k32(const Tensor& packed, int64_t bits) {
+  TT_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  TT_CHECK(packed.device().is_cpu(), "packed must be a CPU tensor (repack runs on the host), got ", packed.device());
+  TT_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2 && packed.size(1) % bits == 0,
+           "packed must be a 2-D int32 tensor [N, K*bits/32] (layout cuda_k32), got ", packed.scalar_type(), " ",
+           packed.sizes());
+  const int64_t N = packed.size(0), K = packed.size(1) * 32 / bits;
+  const Tensor p = packed.contiguous();
+  Tensor out = at::empty({N, K}, packed.options().dtype(at::kByte));
+  const uint32_t* pp = reinterpret_cast<const uint32_t*>(p.data_ptr<int32_t>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c0 = 0; c0 < K / 32; ++c0)
+        for (int j = 0; j < 32; ++j)
+          op[n * K + c0 * 32 + j] = (uint8_t)chunk_code(pp + (n * (K / 32) + c0) * bits, (int)bits, j);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace quant_matmul
 }  // namespace ttscale
 
 TORCH_LIBRARY_FRAGMENT(ttscale, m) {
+  m.def("quant_pack_k32(Tensor codes, int bits) -> Tensor");
+  m.def("quant_unpack_k32(Tensor packed, int bits) -> Tensor");
   m.def("quant_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int bits, int group_size, Tensor? bias)"
         " -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ttscale, CPU, m) { m.impl("quant_matmul", &ttscale::quant_matmul::quant_matmul_cpu); }
+TORCH_LIBRARY_IMPL(ttscale, CPU, m) {
+  m.impl("quant_matmul", &ttscale::quant_matmul::quant_matmul_cpu);
+  m.impl("quant_pack_k32", &ttscale::quant_matmul::quant_pack_k32);
+  m.impl("quant_unpack_k32", &ttscale::quant_matmul::quant_unpack_k32);
+}

@@ -39,11 +39,37 @@
 //   covers it automatically on such a machine).
 //   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
 //   the machine does not hold up the rest.
+//
+// CUDA packed layout "cuda_k32" (int32 tensor [N, K*b/32], K a multiple of 32):
+//   row n holds its K codes as one little-endian bit stream (code k at stream bits [b*k, b*k + b),
+//   stream bit i = bit i % 32 of word i / 32), so every 32 consecutive codes (a "chunk", always
+//   inside one group since G is a multiple of 32) are exactly b words; 3-bit codes straddle words.
+//   This is GPTQ's qweight transposed ([K*b/32, N] -> [N, K*b/32]). The chunk helpers below are
+//   the only code that reads or writes it: the CUDA kernels (quant_matmul_cuda.cu) and the CPU
+//   repack ops (quant_pack_k32 / quant_unpack_k32, run by the tests) share them.
 #pragma once
 #include <cstdint>
 
+#include "common/host_device.h"
+
 namespace ttscale {
 namespace quant_matmul {
+
+// Code j (0..31) of a chunk of `bits` words.
+TT_HD uint32_t chunk_code(const uint32_t* w, int bits, int j) {
+  const int bit = j * bits, i = bit >> 5, o = bit & 31;
+  uint32_t v = w[i] >> o;
+  if (o + bits > 32) v |= w[i + 1] << (32 - o);  // straddles into the next word (3 bits)
+  return v & ((1u << bits) - 1u);
+}
+// Writes code q (< 2^bits) as code j of a chunk whose words start zeroed.
+TT_HD void chunk_set(uint32_t* w, int bits, int j, uint32_t q) {
+  const int bit = j * bits, i = bit >> 5, o = bit & 31;
+  w[i] |= q << o;
+  if (o + bits > 32) w[i + 1] |= q >> (32 - o);
+}
+// The reference dequantisation w' = (q - z) * s, in fp32.
+TT_HD float dequant(uint32_t q, float z, float s) { return ((float)q - z) * s; }
 
 constexpr int kNB = 16;          // output rows per packed block
 constexpr int kGemvMaxM = 32;    // M <= this: the streaming GEMV path

@@ -7,7 +7,7 @@ from .paged_attention import (
     merge_attention_states_,
     paged_attention,
 )
-from .quant_matmul import QuantizedWeight, dequantize, from_awq, from_gptq, quant_matmul, quantize, unpack
+from .quant_matmul import QuantizedWeight, dequantize, from_awq, from_gptq, quant_matmul, quantize, repack, unpack
 from .sampling import sample, sample_from_probs, speculative_verify, token_logprobs
 
 __all__ = [
@@ -28,4 +28,5 @@ __all__ = [
     "quant_matmul",
     "from_gptq",
     "from_awq",
+    "repack",
 ]

@@ -13,10 +13,16 @@ Format (the reference semantics; ``ttscale.reference.quant_matmul`` is the float
 * dequant ``w' = (q - z) * s``; ``quant_matmul``: ``y = x @ w'^T (+ bias)`` with fp32 accumulation,
   output in ``x.dtype``.
 
-The codes are kept in a device-specific packed layout (``layout``). On CPU it is ``"cpu_n16"``
-(documented in ``csrc/ops/quant_matmul/quant_matmul.h``): uint8 ``[ceil(N/16), K, 2*bits]``, the 16
-codes of a block of output rows for one input feature in one ``2*bits``-byte record. ``unpack``
-returns the logical codes ``[N, K]`` uint8 whatever the layout.
+The codes are kept in a device-specific packed layout (``layout``; both documented in
+``csrc/ops/quant_matmul/quant_matmul.h``). On CPU it is ``"cpu_n16"``: uint8 ``[ceil(N/16), K,
+2*bits]``, the 16 codes of a block of output rows for one input feature in one ``2*bits``-byte
+record. On CUDA it is ``"cuda_k32"``: int32 ``[N, K*bits/32]``, each row's codes as one
+little-endian bit stream (GPTQ's ``qweight`` transposed; needs ``K % 32 == 0``). ``qw.to(device)``
+and ``repack(qw, layout)`` convert between them (on the host); ``unpack`` returns the logical codes
+``[N, K]`` uint8 whatever the layout. The CUDA kernels are compile-checked only so far (no GPU has
+run them): a GEMV for ``M <= 8`` and fp32 activations, an mma.sync (m16n8k16) GEMM for fp16/bf16
+activations with ``M > 8`` that multiplies exact ``q - z`` in the activation dtype and applies
+the scale per group in fp32.
 
 Input permutation (act-order checkpoints). A ``QuantizedWeight`` may carry ``perm`` (int64 ``[K]``):
 its codes, scales and zeros then describe the column-permuted weight ``Wp[:, j] = W[:, perm[j]]``
@@ -47,12 +53,14 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["QuantizedWeight", "quantize", "dequantize", "unpack", "pack", "quant_matmul", "from_gptq", "from_awq"]
+__all__ = ["QuantizedWeight", "quantize", "dequantize", "unpack", "pack", "repack", "quant_matmul", "from_gptq", "from_awq"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 EPS = 1e-12
 CPU_LAYOUT = "cpu_n16"
+CUDA_LAYOUT = "cuda_k32"
+LAYOUTS = (CPU_LAYOUT, CUDA_LAYOUT)
 _NB = 16
 
 
@@ -86,10 +94,14 @@ class QuantizedWeight:
         return self.packed.device
 
     def to(self, device) -> "QuantizedWeight":
+        """This weight on ``device``, repacked to that device's layout (``cpu_n16`` / ``cuda_k32``)."""
         device = torch.device(device)
-        if device.type != "cpu":
-            raise NotImplementedError(f"ttscale: QuantizedWeight has no {device.type} layout yet (only {CPU_LAYOUT!r})")
-        return self
+        if device.type not in ("cpu", "cuda"):
+            raise NotImplementedError(f"ttscale: QuantizedWeight has no {device.type} layout (only cpu and cuda)")
+        target = CPU_LAYOUT if device.type == "cpu" else CUDA_LAYOUT
+        qw = self if self.device.type == "cpu" else _move(self, "cpu")
+        qw = repack(qw, target)
+        return qw if device.type == "cpu" else _move(qw, device)
 
     def nbytes(self) -> int:
         n = self.packed.numel() * self.packed.element_size() + self.scales.numel() * self.scales.element_size()
@@ -127,8 +139,34 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return by.reshape(nb, k, 2 * bits).to(torch.uint8).contiguous()
 
 
+def _move(qw: QuantizedWeight, device) -> QuantizedWeight:
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dataclasses.replace(qw, packed=mv(qw.packed), scales=mv(qw.scales), zeros=mv(qw.zeros), perm=mv(qw.perm))
+
+
+def repack(qw: QuantizedWeight, layout: str) -> QuantizedWeight:
+    """``qw`` with its codes in ``layout`` (``"cpu_n16"`` or ``"cuda_k32"``), on the host; scales,
+    zeros and ``perm`` are shared. ``cuda_k32`` needs ``K % 32 == 0``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"ttscale: layout must be one of {LAYOUTS}, got {layout!r}")
+    if qw.layout == layout:
+        return qw
+    if qw.device.type != "cpu":
+        raise ValueError(f"ttscale: repack runs on the host; qw is on {qw.device} (use qw.to(device))")
+    codes = unpack(qw)
+    if layout == CUDA_LAYOUT:
+        if qw.shape[1] % 32 != 0:
+            raise ValueError(f"ttscale: the {CUDA_LAYOUT} layout needs K % 32 == 0, got K = {qw.shape[1]}")
+        packed = torch.ops.ttscale.quant_pack_k32(codes, qw.bits)
+    else:
+        packed = pack(codes, qw.bits)
+    return dataclasses.replace(qw, packed=packed, layout=layout)
+
+
 def unpack(qw: QuantizedWeight) -> torch.Tensor:
     """The logical codes ``q [N, K]`` uint8 of ``qw`` (of ``W[:, qw.perm]`` when ``perm`` is set)."""
+    if qw.layout == CUDA_LAYOUT:
+        return torch.ops.ttscale.quant_unpack_k32(qw.packed.cpu(), qw.bits).to(qw.packed.device)
     if qw.layout != CPU_LAYOUT:
         raise ValueError(f"ttscale: unknown QuantizedWeight layout {qw.layout!r}")
     n, k = qw.shape
@@ -197,8 +235,12 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.T
     in ``x.dtype``, fp32 accumulation. ``bias [N]`` must have ``x``'s dtype."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"ttscale: qw must be a QuantizedWeight, got {type(qw).__name__}")
-    if qw.layout != CPU_LAYOUT:
+    if qw.layout not in LAYOUTS:
         raise ValueError(f"ttscale: unknown QuantizedWeight layout {qw.layout!r}")
+    want = CPU_LAYOUT if qw.device.type == "cpu" else CUDA_LAYOUT
+    if qw.layout != want:
+        raise ValueError(f"ttscale: qw has layout {qw.layout!r} but is on {qw.device}, whose kernels read {want!r} "
+                         f"(use qw.to({str(qw.device)!r}))")
     if qw.perm is not None:
         if x.shape[-1] != qw.shape[1]:
             raise RuntimeError(f"ttscale: x last dimension must equal the weight's in_features K = {qw.shape[1]}, "
@@ -210,6 +252,16 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.T
 @torch.library.register_fake("ttscale::quant_matmul")
 def _quant_matmul_fake(x, packed, scales, zeros, bits, group_size, bias):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+@torch.library.register_fake("ttscale::quant_pack_k32")
+def _quant_pack_k32_fake(codes, bits):
+    return codes.new_empty((codes.shape[0], codes.shape[1] * bits // 32), dtype=torch.int32)
+
+
+@torch.library.register_fake("ttscale::quant_unpack_k32")
+def _quant_unpack_k32_fake(packed, bits):
+    return packed.new_empty((packed.shape[0], packed.shape[1] * 32 // bits), dtype=torch.uint8)
 
 
 # --------------------------------------------------------------------------- checkpoint import
