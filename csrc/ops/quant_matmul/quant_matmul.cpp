@@ -1,6 +1,7 @@
 // Low-bit weight-only matmul: schema, validation and the CPU implementation (parallel over blocks
-// of 16 output rows with at::parallel_for over the per-ISA block kernels). Layout and algorithm:
-// quant_matmul.h. CUDA is not implemented yet (a CUDA tensor gets the dispatcher's "no kernel" error).
+// of 16 output rows with at::parallel_for over the per-ISA block kernels), the host-side repack ops
+// of the CUDA layout, and under TTSCALE_WITH_CUDA the CUDA registration (quant_matmul_cuda.cu;
+// compile-checked only so far). Layouts and algorithms: quant_matmul.h.
 #include "ops/quant_matmul/quant_matmul.h"
 
 #include <ATen/Parallel.h>
@@ -12,6 +13,12 @@
 
 #include "common/checks.h"
 #include "common/cpu_dispatch.h"
+
+#if defined(TTSCALE_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "ops/quant_matmul/quant_matmul_cuda.h"
+#endif
 
 TT_DECLARE_CPU_KERNELS(ttscale::quant_matmul::CpuKernels, quant_matmul_kernels)
 
@@ -174,6 +181,66 @@ Tensor quant_unpack_k32(const Tensor& packed, int64_t bits) {
   return out;
 }
 
+#if defined(TTSCALE_WITH_CUDA)
+// ---------------------------------------------------------------- CUDA ("cuda_k32" layout)
+Tensor quant_matmul_cuda_impl(const Tensor& x, const Tensor& packed, const Tensor& scales,
+                              const c10::optional<Tensor>& zeros, int64_t bits, int64_t group_size,
+                              const c10::optional<Tensor>& bias) {
+  TT_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  check_float_dtype(x, "x");
+  TT_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got shape ", x.sizes());
+  check_device(packed, "packed", x, "x");
+  check_device(scales, "scales", x, "x");
+  check_float_dtype(scales, "scales");
+  const int64_t K = x.size(-1);
+  TT_CHECK_VALUE(K > 0 && K % 32 == 0, "x last dimension K must be a positive multiple of 32 on CUDA (layout "
+                 "cuda_k32), got shape ", x.sizes());
+  TT_CHECK(scales.dim() == 2, "scales must be 2-D [N, K/group_size], got shape ", scales.sizes());
+  const int64_t N = scales.size(0);
+  TT_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2 && packed.size(0) == N &&
+               packed.size(1) == K / 32 * bits,
+           "packed must be int32 [N, K*bits/32] = [", N, ", ", K / 32 * bits, "] (layout cuda_k32), got ",
+           packed.scalar_type(), " ", packed.sizes());
+  TT_CHECK(packed.is_contiguous(), "packed must be contiguous");
+  TT_CHECK_VALUE(group_size >= 32 && group_size % 32 == 0 && K % group_size == 0,
+                 "group_size must be a multiple of 32 dividing K = ", K, " on CUDA, got ", group_size);
+  TT_CHECK(scales.size(1) == K / group_size, "scales must be [N, K/group_size] = [", N, ", ", K / group_size,
+           "], got shape ", scales.sizes());
+  if (zeros) {
+    check_device(*zeros, "zeros", x, "x");
+    TT_CHECK(zeros->scalar_type() == at::kByte, "zeros must be uint8, got ", zeros->scalar_type());
+    TT_CHECK(zeros->sizes() == scales.sizes(), "zeros must have the shape of scales ", scales.sizes(), ", got ",
+             zeros->sizes());
+  }
+  if (bias) {
+    check_device(*bias, "bias", x, "x");
+    TT_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be 1-D [N] = [", N, "], got shape ", bias->sizes());
+    TT_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype must equal x dtype (", x.scalar_type(), "), got ",
+             bias->scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y.view(out_shape);
+  const Tensor xc = x.reshape({M, K}).contiguous();
+  const Tensor sf = scales.to(at::kFloat).contiguous();
+  const Tensor zc = zeros ? zeros->contiguous() : Tensor();
+  const Tensor bc = bias ? bias->contiguous() : Tensor();
+  QmmCudaParams p;
+  p.x = xc.data_ptr(); p.dtype = dtype_of(x.scalar_type());
+  p.M = M; p.N = N; p.K = K; p.G = group_size; p.bits = (int)bits;
+  p.codes = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  p.scales = sf.data_ptr<float>();
+  p.zeros = zeros ? zc.data_ptr<uint8_t>() : nullptr;
+  p.bias = bias ? bc.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  check_launch(quant_matmul_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "quant_matmul");
+  return y.view(out_shape);
+}
+#endif  // TTSCALE_WITH_CUDA
+
 }  // namespace
 }  // namespace quant_matmul
 }  // namespace ttscale
@@ -190,3 +257,7 @@ TORCH_LIBRARY_IMPL(ttscale, CPU, m) {
   m.impl("quant_pack_k32", &ttscale::quant_matmul::quant_pack_k32);
   m.impl("quant_unpack_k32", &ttscale::quant_matmul::quant_unpack_k32);
 }
+
+#if defined(TTSCALE_WITH_CUDA)
+TORCH_LIBRARY_IMPL(ttscale, CUDA, m) { m.impl("quant_matmul", &ttscale::quant_matmul::quant_matmul_cuda_impl); }
+#endif  // TTSCALE_WITH_CUDA
