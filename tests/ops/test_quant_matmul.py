@@ -296,3 +296,16 @@ def test_quant_linear_and_quantize_model():
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     assert type(model[3]) is torch.nn.Linear
     torch.testing.assert_close(model(xin), y_dense, atol=2e-2, rtol=2e-2)
+
+
+def test_quant_linear_apply_keeps_layout():
+    from ttscale.nn import QuantLinear
+
+    ql = QuantLinear.from_linear(torch.nn.Linear(64, 24), bits=3, group_size=32)
+    packed = ql.packed.clone()
+    ql = ql.to(torch.float32).cpu()  # CPU -> CPU: codes untouched
+    assert ql.layout == "cpu_n16" and torch.equal(ql.packed, packed)
+    ql.layout = "cuda_k32"  # as if it came back from a GPU: the next move repacks for the CPU
+    ql.packed = ttscale.ops.repack(QuantizedWeight(packed, ql.scales, ql.zeros, 3, 32, (24, 64)), "cuda_k32").packed
+    ql = ql.cpu()
+    assert ql.layout == "cpu_n16" and torch.equal(ql.packed, packed)

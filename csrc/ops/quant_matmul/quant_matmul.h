@@ -1,4 +1,4 @@
-// Low-bit weight-only matmul: shared definitions for the CPU path (torch-free).
+// Low-bit weight-only matmul: shared definitions for the CPU and CUDA paths (torch-free).
 //
 // Logical format (reference semantics, python/ttscale/reference/quant_matmul.py):
 //   W [N, K] (nn.Linear orientation), groups of G consecutive input features (G = K: per channel),
@@ -39,6 +39,10 @@
 //   covers it automatically on such a machine).
 //   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
 //   the machine does not hold up the rest.
+//
+// CUDA algorithm (quant_matmul_cuda.cu; compile-checked only, never run on a GPU yet): a SIMT GEMV
+// for M <= 8 (and every M with fp32 x) and an mma.sync m16n8k16 GEMM for fp16/bf16 x, both on the
+// "cuda_k32" layout below. Input permutations (act-order imports) are applied to x in Python.
 //
 // CUDA packed layout "cuda_k32" (int32 tensor [N, K*b/32], K a multiple of 32):
 //   row n holds its K codes as one little-endian bit stream (code k at stream bits [b*k, b*k + b),
