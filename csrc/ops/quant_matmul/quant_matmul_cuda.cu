@@ -20,6 +20,8 @@
 // Products accumulate per group in a temporary fragment, which is then scaled by s (fp32) into
 // the output accumulators: y = sum_g s_g * (x_g @ (q_g - z_g)), the reference up to fp32
 // summation order. Not tuned yet (no cp.async pipeline, no ldmatrix): a correct first version.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -42,8 +44,12 @@ constexpr int kGemmWarpN = 32;         // output columns per warp (4 n8 tiles)
 constexpr int kGemmBN = kWarps * kGemmWarpN;
 
 TT_DEVICE float ldx(const float* p) { return __ldg(p); }
-TT_DEVICE float ldx(const half_t* p) { return half_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(p))); }
-TT_DEVICE float ldx(const bf16_t* p) { return bf16_bits_to_float(__ldg(reinterpret_cast<const unsigned short*>(p))); }
+// fp16/bf16 conversions with the hardware instructions (round to nearest even, like dtype.h's
+// bit-exact host versions; the branchy software fp16 path cost registers and spills here).
+TT_DEVICE float ldx(const half_t* p) { return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p)))); }
+TT_DEVICE float ldx(const bf16_t* p) {
+  return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
 
 // The BITS words of one chunk (16-byte / 8-byte loads where the chunk is aligned to them: row
 // strides K*BITS/32 words with K % 32 == 0 keep 2-, 4- and 8-bit chunks aligned).
@@ -64,8 +70,9 @@ TT_DEVICE void load_chunk(const uint32_t* p, uint32_t* w) {
   }
 }
 
-template <typename T>
-TT_DEVICE void store_out(T* p, float v) { store_float(p, v); }
+TT_DEVICE void store_out(float* p, float v) { *p = v; }
+TT_DEVICE void store_out(half_t* p, float v) { p->bits = __half_as_ushort(__float2half_rn(v)); }
+TT_DEVICE void store_out(bf16_t* p, float v) { p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 
 // ---------------------------------------------------------------- GEMV
 template <int BITS, int MR, typename T>
@@ -159,11 +166,12 @@ template <typename T>
 TT_DEVICE uint32_t pack2(float lo, float hi);
 template <>
 TT_DEVICE uint32_t pack2<half_t>(float lo, float hi) {
-  return (uint32_t)float_to_half_bits(lo) | ((uint32_t)float_to_half_bits(hi) << 16);
+  return (uint32_t)__half_as_ushort(__float2half_rn(lo)) | ((uint32_t)__half_as_ushort(__float2half_rn(hi)) << 16);
 }
 template <>
 TT_DEVICE uint32_t pack2<bf16_t>(float lo, float hi) {
-  return (uint32_t)float_to_bf16_bits(lo) | ((uint32_t)float_to_bf16_bits(hi) << 16);
+  return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+         ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
 }
 
 // The A-operand register holding x[row][k], x[row][k+1] (k even; zero outside the M rows).
