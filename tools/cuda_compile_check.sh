@@ -53,7 +53,8 @@ for src in "${SOURCES[@]}"; do
   if (cd "$ROOT" && "$NVCC" -std=c++17 -O3 -I csrc \
         -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90a,code=sm_90a \
         -Xptxas -v ${TTSCALE_NVCC_FLAGS:-} -c "$src" -o "$OUTDIR/$name.o") >"$log" 2>&1; then
-    grep -E "ptxas|error|warning" "$log" >>"$REPORT" || true
+    # the "N bytes stack frame, N bytes spill stores, ..." lines carry no "ptxas" prefix
+    grep -E "ptxas|error|warning|bytes stack frame" "$log" >>"$REPORT" || true
   else
     failed=1
     echo "FAILED: $src (full log: $log)" | tee -a "$REPORT"

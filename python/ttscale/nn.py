@@ -3,7 +3,9 @@
 * ``QuantLinear``: an ``nn.Linear`` with a low-bit ``QuantizedWeight`` (``ttscale.ops.quantize``)
   computed by ``ttscale.ops.quant_matmul``. ``QuantLinear.from_linear(linear, bits, group_size,
   symmetric)`` quantizes an existing layer; the packed codes, scales and zeros are buffers, so
-  ``state_dict`` round-trips.
+  ``state_dict`` round-trips. ``QuantLinear(qw, bias)`` wraps any ``QuantizedWeight``, e.g. one
+  imported with ``ttscale.ops.from_gptq`` / ``from_awq``; moving the module to another device
+  repacks the codes into that device's layout.
 * ``quantize_model(model, bits=4, group_size=128, symmetric=False, filter=None)`` replaces every
   ``nn.Linear`` in place (those for which ``filter(name, module)`` is true, when given) and returns
   the model; layers whose ``in_features`` is not a multiple of ``group_size`` are left unchanged.
@@ -28,6 +30,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("packed", qw.packed)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
+        self.register_buffer("perm", qw.perm)  # input permutation of act-order imports (None otherwise)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
@@ -41,7 +44,17 @@ class QuantLinear(nn.Module):
     @property
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(self.packed, self.scales, self.zeros, self.bits, self.group_size,
-                               (self.out_features, self.in_features), self.layout)
+                               (self.out_features, self.in_features), self.layout, self.perm)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() / .cpu() move the buffers; the codes are then repacked into the new
+        # device's layout (ttscale.ops.QuantizedWeight.to), so quant_matmul gets what it reads.
+        super()._apply(fn, *args, **kwargs)
+        want = "cpu_n16" if self.packed.device.type == "cpu" else "cuda_k32"
+        if self.layout != want and self.packed.device.type in ("cpu", "cuda"):
+            qw = self.qweight.to(self.packed.device)
+            self.packed, self.layout = qw.packed, qw.layout
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)

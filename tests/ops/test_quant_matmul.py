@@ -93,6 +93,59 @@ def test_pack_unpack_roundtrip(bits):
         assert torch.equal(unpack(qw), codes)
 
 
+# --------------------------------------------------------------------------- CUDA layout (repacked on the host)
+def _bitstream_rows(codes, bits):
+    """Independent packer for the cuda_k32 layout: row n's codes as a bit array (code k at bits
+    k*bits .. k*bits+bits-1, LSB first) cut into 32-bit words."""
+    n, k = codes.shape
+    bitarr = ((codes.to(torch.int64).unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(n, k * bits // 32, 32)
+    words = (bitarr << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_cuda_layout_repack_roundtrip(bits):
+    for n, k in ((1, 32), (17, 96), (48, 256)):
+        codes = torch.randint(0, 2 ** bits, (n, k), dtype=torch.uint8)
+        packed = torch.ops.ttscale.quant_pack_k32(codes, bits)
+        assert packed.dtype == torch.int32 and packed.shape == (n, k * bits // 32)
+        assert torch.equal(packed, _bitstream_rows(codes, bits))
+        assert torch.equal(torch.ops.ttscale.quant_unpack_k32(packed, bits), codes)
+    qw = quantize(_weight(40, 256), bits=bits, group_size=64)
+    qc = ttscale.ops.repack(qw, "cuda_k32")
+    assert qc.layout == "cuda_k32" and torch.equal(qc.packed, _bitstream_rows(unpack(qw), bits))
+    assert torch.equal(unpack(qc), unpack(qw)) and torch.equal(dequantize(qc), dequantize(qw))
+    back = ttscale.ops.repack(qc, "cpu_n16")
+    assert torch.equal(back.packed, qw.packed) and qw.to("cpu") is qw
+    assert torch.equal(qc.to("cpu").packed, qw.packed)
+    with pytest.raises(ValueError, match="qw has layout 'cuda_k32' but is on cpu"):
+        quant_matmul(torch.randn(2, 256), qc)
+    with pytest.raises(ValueError, match="cuda_k32 layout needs K % 32 == 0, got K = 48"):
+        ttscale.ops.repack(quantize(_weight(8, 48), bits=bits, group_size=-1), "cuda_k32")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ttscale.ops.repack(qw, "marlin")
+    with pytest.raises(ValueError, match="must be a multiple of 32 for the cuda_k32 layout"):
+        torch.ops.ttscale.quant_pack_k32(torch.zeros(2, 48, dtype=torch.uint8), bits)
+    if bits < 8:
+        with pytest.raises(ValueError, match=r"codes must be < 2\^bits"):
+            torch.ops.ttscale.quant_pack_k32(torch.full((2, 32), 2 ** bits, dtype=torch.uint8), bits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_reference(bits, dtype):  # the CUDA kernels have not run yet; this runs where a GPU is
+    qw = quantize(_weight(80, 512), bits=bits, group_size=128).to("cuda")
+    for m in (1, 3, 8, 9, 17, 64):
+        x = torch.randn(m, 512).to(dtype)
+        y = quant_matmul(x.cuda(), qw).cpu()
+        qh = qw.to("cpu")
+        ref = linear_ref(x, dequantize(qh).double())
+        tol = 64 * 2.0 ** -24 if dtype == torch.float32 else 4 * UOUT[dtype]
+        mag = x.double().abs() @ dequantize(qh).double().abs().T
+        assert ((y.double() - ref).abs() <= tol * mag + UOUT[dtype] * ref.abs() + 1e-6).all()
+
+
 # --------------------------------------------------------------------------- quant_matmul
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUPS)
@@ -217,8 +270,8 @@ def test_bad_quant_matmul_inputs():
         op(x, qw.packed.to(torch.int32), qw.scales, qw.zeros, 4, 32, None)
     with pytest.raises(ValueError, match="K > 0"):
         op(torch.randn(2, 0), qw.packed[:, :0], qw.scales[:, :0], qw.zeros[:, :0], 4, 32, None)
-    with pytest.raises(NotImplementedError, match="no cuda layout"):
-        qw.to("cuda")
+    with pytest.raises(NotImplementedError, match="no meta layout"):
+        qw.to("meta")
 
 
 # --------------------------------------------------------------------------- ttscale.nn
@@ -243,3 +296,16 @@ def test_quant_linear_and_quantize_model():
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     assert type(model[3]) is torch.nn.Linear
     torch.testing.assert_close(model(xin), y_dense, atol=2e-2, rtol=2e-2)
+
+
+def test_quant_linear_apply_keeps_layout():
+    from ttscale.nn import QuantLinear
+
+    ql = QuantLinear.from_linear(torch.nn.Linear(64, 24), bits=3, group_size=32)
+    packed = ql.packed.clone()
+    ql = ql.to(torch.float32).cpu()  # CPU -> CPU: codes untouched
+    assert ql.layout == "cpu_n16" and torch.equal(ql.packed, packed)
+    ql.layout = "cuda_k32"  # as if it came back from a GPU: the next move repacks for the CPU
+    ql.packed = ttscale.ops.repack(QuantizedWeight(packed, ql.scales, ql.zeros, 3, 32, (24, 64)), "cuda_k32").packed
+    ql = ql.cpu()
+    assert ql.layout == "cpu_n16" and torch.equal(ql.packed, packed)

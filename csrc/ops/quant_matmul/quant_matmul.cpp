@@ -1,6 +1,7 @@
 // Low-bit weight-only matmul: schema, validation and the CPU implementation (parallel over blocks
-// of 16 output rows with at::parallel_for over the per-ISA block kernels). Layout and algorithm:
-// quant_matmul.h. CUDA is not implemented yet (a CUDA tensor gets the dispatcher's "no kernel" error).
+// of 16 output rows with at::parallel_for over the per-ISA block kernels), the host-side repack ops
+// of the CUDA layout, and under TTSCALE_WITH_CUDA the CUDA registration (quant_matmul_cuda.cu;
+// compile-checked only so far). Layouts and algorithms: quant_matmul.h.
 #include "ops/quant_matmul/quant_matmul.h"
 
 #include <ATen/Parallel.h>
@@ -12,6 +13,12 @@
 
 #include "common/checks.h"
 #include "common/cpu_dispatch.h"
+
+#if defined(TTSCALE_WITH_CUDA)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "ops/quant_matmul/quant_matmul_cuda.h"
+#endif
 
 TT_DECLARE_CPU_KERNELS(ttscale::quant_matmul::CpuKernels, quant_matmul_kernels)
 
@@ -91,6 +98,7 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   float* yp = y.data_ptr<float>();
   const float zsym = (float)(1 << (bits - 1));
   const int64_t rec = 2 * bits;
+  const uint8_t* lanes = kern->lane_rows((int)bits);
 
   // Dynamic schedule: each thread takes `chunk` blocks at a time from a shared counter, so a thread
   // slowed down by other load on the machine does not hold up the others (static halves did).
@@ -106,29 +114,22 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n0 = b * kNB;
         const int64_t nv = N - n0 < kNB ? N - n0 : kNB;
-        for (int64_t i = 0; i < kNB; ++i) {
+        for (int64_t l = 0; l < kNB; ++l) {
+          const int64_t i = lanes[l];
           const int64_t n = n0 + (i < nv ? i : nv - 1);  // padded rows reuse a valid row (never written)
           for (int64_t g = 0; g < ng; ++g) {
-            sbuf[g * kNB + i] = sp[n * ng + g];
-            zbuf[g * kNB + i] = zp ? (float)zp[n * ng + g] : zsym;
+            sbuf[g * kNB + l] = sp[n * ng + g];
+            zbuf[g * kNB + l] = zp ? (float)zp[n * ng + g] : zsym;
           }
         }
         BlockArgs a;
         a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
         a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
         a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
-        if (gemv) {
-          for (int64_t m0 = 0; m0 < M; m0 += kGemvRows) {  // rows in chunks of kGemvRows (codes stay in L1/L2)
-            BlockArgs c = a;
-            c.x = xp + m0 * K; c.xsum = xsp + m0 * ng; c.y = ybuf.data() + m0 * kNB;
-            c.M = M - m0 < kGemvRows ? M - m0 : kGemvRows;
-            kern->gemv_block(c);
-          }
-        } else {
-          kern->gemm_block(a);
-        }
+        if (gemv) kern->gemv_block(a); else kern->gemm_block(a);
         for (int64_t m = 0; m < M; ++m)
-          for (int64_t i = 0; i < nv; ++i) yp[m * N + n0 + i] = ybuf[m * kNB + i];
+          for (int64_t l = 0; l < kNB; ++l)
+            if (lanes[l] < nv) yp[m * N + n0 + lanes[l]] = ybuf[m * kNB + l];
       }
     }
   });
@@ -136,13 +137,127 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   return y.to(x.scalar_type()).view(out_shape);
 }
 
+// ---------------------------------------------------------------- CUDA layout repack (on CPU)
+// codes [N, K] uint8 -> "cuda_k32" int32 [N, K*bits/32] (quant_matmul.h), through chunk_set.
+Tensor quant_pack_k32(const Tensor& codes, int64_t bits) {
+  TT_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  TT_CHECK(codes.device().is_cpu(), "codes must be a CPU tensor (repack runs on the host), got ", codes.device());
+  TT_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2, "codes must be a 2-D uint8 tensor [N, K], got ",
+           codes.scalar_type(), " ", codes.sizes());
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TT_CHECK_VALUE(K % 32 == 0, "codes K = ", K, " must be a multiple of 32 for the cuda_k32 layout");
+  const Tensor c = codes.contiguous();
+  TT_CHECK_VALUE(N * K == 0 || c.max().item<int64_t>() < (1 << bits), "codes must be < 2^bits = ", 1 << bits);
+  Tensor out = at::zeros({N, K * bits / 32}, codes.options().dtype(at::kInt));
+  const uint8_t* cp = c.data_ptr<uint8_t>();
+  uint32_t* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c0 = 0; c0 < K / 32; ++c0)
+        for (int j = 0; j < 32; ++j)
+          chunk_set(op + (n * (K / 32) + c0) * bits, (int)bits, j, cp[n * K + c0 * 32 + j]);
+  });
+  return out;
+}
+
+// "cuda_k32" int32 [N, K*bits/32] -> codes [N, K] uint8, through chunk_code.
+Tensor quant_unpack_k32(const Tensor& packed, int64_t bits) {
+  TT_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  TT_CHECK(packed.device().is_cpu(), "packed must be a CPU tensor (repack runs on the host), got ", packed.device());
+  TT_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2 && packed.size(1) % bits == 0,
+           "packed must be a 2-D int32 tensor [N, K*bits/32] (layout cuda_k32), got ", packed.scalar_type(), " ",
+           packed.sizes());
+  const int64_t N = packed.size(0), K = packed.size(1) * 32 / bits;
+  const Tensor p = packed.contiguous();
+  Tensor out = at::empty({N, K}, packed.options().dtype(at::kByte));
+  const uint32_t* pp = reinterpret_cast<const uint32_t*>(p.data_ptr<int32_t>());
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t c0 = 0; c0 < K / 32; ++c0)
+        for (int j = 0; j < 32; ++j)
+          op[n * K + c0 * 32 + j] = (uint8_t)chunk_code(pp + (n * (K / 32) + c0) * bits, (int)bits, j);
+  });
+  return out;
+}
+
+#if defined(TTSCALE_WITH_CUDA)
+// ---------------------------------------------------------------- CUDA ("cuda_k32" layout)
+Tensor quant_matmul_cuda_impl(const Tensor& x, const Tensor& packed, const Tensor& scales,
+                              const c10::optional<Tensor>& zeros, int64_t bits, int64_t group_size,
+                              const c10::optional<Tensor>& bias) {
+  TT_CHECK_VALUE(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  check_float_dtype(x, "x");
+  TT_CHECK(x.dim() >= 1, "x must have at least one dimension [..., K], got shape ", x.sizes());
+  check_device(packed, "packed", x, "x");
+  check_device(scales, "scales", x, "x");
+  check_float_dtype(scales, "scales");
+  const int64_t K = x.size(-1);
+  TT_CHECK_VALUE(K > 0 && K % 32 == 0, "x last dimension K must be a positive multiple of 32 on CUDA (layout "
+                 "cuda_k32), got shape ", x.sizes());
+  TT_CHECK(scales.dim() == 2, "scales must be 2-D [N, K/group_size], got shape ", scales.sizes());
+  const int64_t N = scales.size(0);
+  TT_CHECK(packed.scalar_type() == at::kInt && packed.dim() == 2 && packed.size(0) == N &&
+               packed.size(1) == K / 32 * bits,
+           "packed must be int32 [N, K*bits/32] = [", N, ", ", K / 32 * bits, "] (layout cuda_k32), got ",
+           packed.scalar_type(), " ", packed.sizes());
+  TT_CHECK(packed.is_contiguous(), "packed must be contiguous");
+  TT_CHECK_VALUE(group_size >= 32 && group_size % 32 == 0 && K % group_size == 0,
+                 "group_size must be a multiple of 32 dividing K = ", K, " on CUDA, got ", group_size);
+  TT_CHECK(scales.size(1) == K / group_size, "scales must be [N, K/group_size] = [", N, ", ", K / group_size,
+           "], got shape ", scales.sizes());
+  if (zeros) {
+    check_device(*zeros, "zeros", x, "x");
+    TT_CHECK(zeros->scalar_type() == at::kByte, "zeros must be uint8, got ", zeros->scalar_type());
+    TT_CHECK(zeros->sizes() == scales.sizes(), "zeros must have the shape of scales ", scales.sizes(), ", got ",
+             zeros->sizes());
+  }
+  if (bias) {
+    check_device(*bias, "bias", x, "x");
+    TT_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias must be 1-D [N] = [", N, "], got shape ", bias->sizes());
+    TT_CHECK(bias->scalar_type() == x.scalar_type(), "bias dtype must equal x dtype (", x.scalar_type(), "), got ",
+             bias->scalar_type());
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y.view(out_shape);
+  const Tensor xc = x.reshape({M, K}).contiguous();
+  const Tensor sf = scales.to(at::kFloat).contiguous();
+  const Tensor zc = zeros ? zeros->contiguous() : Tensor();
+  const Tensor bc = bias ? bias->contiguous() : Tensor();
+  QmmCudaParams p;
+  p.x = xc.data_ptr(); p.dtype = dtype_of(x.scalar_type());
+  p.M = M; p.N = N; p.K = K; p.G = group_size; p.bits = (int)bits;
+  p.codes = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  p.scales = sf.data_ptr<float>();
+  p.zeros = zeros ? zc.data_ptr<uint8_t>() : nullptr;
+  p.bias = bias ? bc.data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  check_launch(quant_matmul_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "quant_matmul");
+  return y.view(out_shape);
+}
+#endif  // TTSCALE_WITH_CUDA
+
 }  // namespace
 }  // namespace quant_matmul
 }  // namespace ttscale
 
 TORCH_LIBRARY_FRAGMENT(ttscale, m) {
+  m.def("quant_pack_k32(Tensor codes, int bits) -> Tensor");
+  m.def("quant_unpack_k32(Tensor packed, int bits) -> Tensor");
   m.def("quant_matmul(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, int bits, int group_size, Tensor? bias)"
         " -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ttscale, CPU, m) { m.impl("quant_matmul", &ttscale::quant_matmul::quant_matmul_cpu); }
+TORCH_LIBRARY_IMPL(ttscale, CPU, m) {
+  m.impl("quant_matmul", &ttscale::quant_matmul::quant_matmul_cpu);
+  m.impl("quant_pack_k32", &ttscale::quant_matmul::quant_pack_k32);
+  m.impl("quant_unpack_k32", &ttscale::quant_matmul::quant_unpack_k32);
+}
+
+#if defined(TTSCALE_WITH_CUDA)
+TORCH_LIBRARY_IMPL(ttscale, CUDA, m) { m.impl("quant_matmul", &ttscale::quant_matmul::quant_matmul_cuda_impl); }
+#endif  // TTSCALE_WITH_CUDA

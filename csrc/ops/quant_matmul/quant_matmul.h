@@ -1,4 +1,4 @@
-// Low-bit weight-only matmul: shared definitions for the CPU path (torch-free).
+// Low-bit weight-only matmul: shared definitions for the CPU and CUDA paths (torch-free).
 //
 // Logical format (reference semantics, python/ttscale/reference/quant_matmul.py):
 //   W [N, K] (nn.Linear orientation), groups of G consecutive input features (G = K: per channel),
@@ -21,11 +21,16 @@
 //   into fp32 [K/G][16] (16 scalar conversions per group of 16*G weights).
 //
 // CPU algorithm, parallel over row blocks:
-//   M <= kGemvMaxM (GEMV): each block's codes are read from memory once (rows of x in chunks of
-//     kGemvRows re-read them from cache); >= 8 independent FMA chains; per group g and row m
-//     acc = sum_k q[n,k] x[m,k] (codes converted exactly to fp32), then
-//     y[m,n] += s[n,g] * (acc - z[n,g] * xsum[m,g]) with xsum the group sum of x.
-//     Per 8 weights (AVX2, 4-bit): vpbroadcastd + vpsrlvd + vpand + vcvtdq2ps, then one FMA per row.
+//   M <= kGemvMaxM (GEMV): rows of x in chunks of 6 (AVX2/generic; 8 on AVX-512); per chunk the
+//     block's codes are streamed once (from memory for the first chunk, from L2 after); per group g
+//     and row m acc = sum_k q[n,k] x[m,k] (codes converted exactly to fp32), then
+//     y[m,n] += s[n,g] * (acc - z[n,g] * xsum[m,g]) with xsum the group sum of x. Each unpacked
+//     record feeds every row of the chunk and both 8-lane halves of the block (one broadcast of x
+//     per row and feature); >= 8 independent FMA chains.
+//     AVX2, 4-bit: one 8-byte vpmovzxbd + vpand + vpsrld + 2 vcvtdq2ps per 16 codes (rows land in
+//     even/odd lane order, see CpuKernels::lane_rows), then 2 FMAs per row.
+//     Measured (2-core AVX2 EPYC, busy): the GEMV path is faster than the GEMM path at M = 16 and
+//     equal at M = 64, hence kGemvMaxM = 32.
 //   M > kGemvMaxM (GEMM): a tile of kKTile features of the block is dequantised once into an fp32
 //     buffer [kKTile][16] ((q - z) * s) and reused by every row of x (register tiles of 8 rows x 1
 //     vector on AVX-512, 6 rows x 2 vectors on AVX2).
@@ -34,15 +39,44 @@
 //   covers it automatically on such a machine).
 //   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
 //   the machine does not hold up the rest.
+//
+// CUDA algorithm (quant_matmul_cuda.cu; compile-checked only, never run on a GPU yet): a SIMT GEMV
+// for M <= 8 (and every M with fp32 x) and an mma.sync m16n8k16 GEMM for fp16/bf16 x, both on the
+// "cuda_k32" layout below. Input permutations (act-order imports) are applied to x in Python.
+//
+// CUDA packed layout "cuda_k32" (int32 tensor [N, K*b/32], K a multiple of 32):
+//   row n holds its K codes as one little-endian bit stream (code k at stream bits [b*k, b*k + b),
+//   stream bit i = bit i % 32 of word i / 32), so every 32 consecutive codes (a "chunk", always
+//   inside one group since G is a multiple of 32) are exactly b words; 3-bit codes straddle words.
+//   This is GPTQ's qweight transposed ([K*b/32, N] -> [N, K*b/32]). The chunk helpers below are
+//   the only code that reads or writes it: the CUDA kernels (quant_matmul_cuda.cu) and the CPU
+//   repack ops (quant_pack_k32 / quant_unpack_k32, run by the tests) share them.
 #pragma once
 #include <cstdint>
+
+#include "common/host_device.h"
 
 namespace ttscale {
 namespace quant_matmul {
 
+// Code j (0..31) of a chunk of `bits` words.
+TT_HD uint32_t chunk_code(const uint32_t* w, int bits, int j) {
+  const int bit = j * bits, i = bit >> 5, o = bit & 31;
+  uint32_t v = w[i] >> o;
+  if (o + bits > 32) v |= w[i + 1] << (32 - o);  // straddles into the next word (3 bits)
+  return v & ((1u << bits) - 1u);
+}
+// Writes code q (< 2^bits) as code j of a chunk whose words start zeroed.
+TT_HD void chunk_set(uint32_t* w, int bits, int j, uint32_t q) {
+  const int bit = j * bits, i = bit >> 5, o = bit & 31;
+  w[i] |= q << o;
+  if (o + bits > 32) w[i + 1] |= q >> (32 - o);
+}
+// The reference dequantisation w' = (q - z) * s, in fp32.
+TT_HD float dequant(uint32_t q, float z, float s) { return ((float)q - z) * s; }
+
 constexpr int kNB = 16;          // output rows per packed block
-constexpr int kGemvMaxM = 16;    // M <= this: the streaming GEMV path
-constexpr int kGemvRows = 8;     // rows of x per GEMV kernel call
+constexpr int kGemvMaxM = 32;    // M <= this: the streaming GEMV path
 constexpr int64_t kKTile = 256;  // features dequantised at once in the GEMM path
 
 // One block of 16 output rows: y[m][0..16) = x[m] . w'[n0 + i] for all m < M.
@@ -59,9 +93,13 @@ struct BlockArgs {
   int bits;
 };
 
+// Both block kernels keep the 16 rows of a block in SIMD lanes in the order lane_rows(bits) gives
+// (lane L holds row lane_rows(bits)[L]; the identity except where a cheaper unpack permutes rows):
+// BlockArgs::s, ::z and ::y are in lane order.
 struct CpuKernels {
-  void (*gemv_block)(const BlockArgs& a);
+  void (*gemv_block)(const BlockArgs& a);  // a.M <= kGemvMaxM rows
   void (*gemm_block)(const BlockArgs& a);
+  const uint8_t* (*lane_rows)(int bits);
 };
 
 }  // namespace quant_matmul

@@ -64,56 +64,105 @@ inline VF unpack(const uint8_t* rec, int h) {
 #endif
 }
 
-// GEMV: codes streamed once; per group, acc = sum_k q x, then y += s * (acc - z * xsum).
-// U independent accumulator chains per row (k interleaved) hide the FMA latency when M is small.
+// All NV vectors of one record. AVX2, 4 bits: the 8 record bytes are widened bytewise
+// (vpmovzxbd); byte j holds rows (2j, 2j+1) of half j/4 in its two nibbles, so the low nibbles are
+// the even rows and a plain shift by 4 gives the odd rows (no per-lane variable shift, no mask for
+// the high nibble): 3 integer ops for 16 codes instead of 8. The lanes are then in the order
+// lane_rows() reports (vector 0 = rows 0,2,..,14; vector 1 = rows 1,3,..,15); the host code
+// stores scales/zeros in that order and reads y back through it.
+template <int B>
+inline void unpack_all(const uint8_t* rec, VF* c) {
+#if defined(TTSCALE_CPU_ISA_AVX2)
+  if constexpr (B == 4) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)rec));
+    c[0] = {_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)))};
+    c[1] = {_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4))};
+    return;
+  }
+#endif
+  for (int h = 0; h < NV; ++h) c[h] = unpack<B>(rec, h);
+}
+
+// Row of the block held by SIMD lane L (vector L / W, element L % W) after unpack_all.
+constexpr uint8_t kLanesIdentity[kNB] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+constexpr uint8_t kLanesEvenOdd[kNB] = {0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15};
+const uint8_t* lane_rows(int bits) {
+#if defined(TTSCALE_CPU_ISA_AVX2)
+  if (bits == 4) return kLanesEvenOdd;
+#endif
+  (void)bits;
+  return kLanesIdentity;
+}
+
+// GEMV for MR rows of x: codes streamed once per call; per group, acc = sum_k q x, then
+// y += s * (acc - z * xsum). Every record feeds all NV vectors and all MR rows (one broadcast of x
+// per row and feature); U independent chains (k interleaved) keep >= 8 FMAs in flight.
 template <int B, int MR>
 void gemv_t(const BlockArgs& a) {
-  constexpr int U = MR >= 8 ? 1 : (MR >= 4 ? 2 : (MR >= 2 ? 4 : 8));  // >= 8 chains in flight
+  constexpr int U = MR * NV >= 8 ? 1 : (8 + MR * NV - 1) / (MR * NV);
   const int64_t ng = a.K / a.G;
   constexpr int RB = 2 * B;  // record bytes
   const int64_t G = a.G, Gu = G - G % U;
   for (int64_t g = 0; g < ng; ++g) {
     const uint8_t* c0 = a.codes + g * G * RB;
     const float* x0 = a.x + g * G;
-    for (int h = 0; h < NV; ++h) {
-      VF acc[U][MR];
-      for (int u = 0; u < U; ++u)
-        for (int m = 0; m < MR; ++m) acc[u][m] = set1(0.0f);
-      int64_t k = 0;
-      for (; k < Gu; k += U) {
-        for (int u = 0; u < U; ++u) {
-          const VF c = unpack<B>(c0 + (k + u) * RB, h);
-          for (int m = 0; m < MR; ++m) acc[u][m] = fmadd(set1(x0[m * a.ldx + k + u]), c, acc[u][m]);
+    VF acc[U][MR][NV];
+    for (int u = 0; u < U; ++u)
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < NV; ++h) acc[u][m][h] = set1(0.0f);
+    int64_t k = 0;
+    for (; k < Gu; k += U) {
+      for (int u = 0; u < U; ++u) {
+        VF c[NV];
+        unpack_all<B>(c0 + (k + u) * RB, c);
+        for (int m = 0; m < MR; ++m) {
+          const VF xv = set1(x0[m * a.ldx + k + u]);
+          for (int h = 0; h < NV; ++h) acc[u][m][h] = fmadd(xv, c[h], acc[u][m][h]);
         }
       }
-      for (; k < G; ++k) {
-        const VF c = unpack<B>(c0 + k * RB, h);
-        for (int m = 0; m < MR; ++m) acc[0][m] = fmadd(set1(x0[m * a.ldx + k]), c, acc[0][m]);
+    }
+    for (; k < G; ++k) {
+      VF c[NV];
+      unpack_all<B>(c0 + k * RB, c);
+      for (int m = 0; m < MR; ++m) {
+        const VF xv = set1(x0[m * a.ldx + k]);
+        for (int h = 0; h < NV; ++h) acc[0][m][h] = fmadd(xv, c[h], acc[0][m][h]);
       }
-      for (int u = 1; u < U; ++u)
-        for (int m = 0; m < MR; ++m) acc[0][m] = add(acc[0][m], acc[u][m]);
+    }
+    for (int u = 1; u < U; ++u)
+      for (int m = 0; m < MR; ++m)
+        for (int h = 0; h < NV; ++h) acc[0][m][h] = add(acc[0][m][h], acc[u][m][h]);
+    for (int h = 0; h < NV; ++h) {
       const VF sv = load(a.s + g * kNB + h * W);
       const VF zv = load(a.z + g * kNB + h * W);
       for (int m = 0; m < MR; ++m) {
         float* yp = a.y + m * kNB + h * W;
         const VF prev = g == 0 ? set1(0.0f) : load(yp);
-        store(yp, fmadd(sv, sub(acc[0][m], mul(zv, set1(a.xsum[m * ng + g]))), prev));
+        store(yp, fmadd(sv, sub(acc[0][m][h], mul(zv, set1(a.xsum[m * ng + g]))), prev));
       }
     }
   }
 }
 
+// Rows of x in chunks of R (R * NV accumulators fit the register file with room for the codes).
 template <int B>
 void gemv_b(const BlockArgs& a) {
-  switch (a.M) {
-    case 1: gemv_t<B, 1>(a); break;
-    case 2: gemv_t<B, 2>(a); break;
-    case 3: gemv_t<B, 3>(a); break;
-    case 4: gemv_t<B, 4>(a); break;
-    case 5: gemv_t<B, 5>(a); break;
-    case 6: gemv_t<B, 6>(a); break;
-    case 7: gemv_t<B, 7>(a); break;
-    default: gemv_t<B, 8>(a); break;
+  constexpr int64_t R = NV == 1 ? 8 : 6;
+  const int64_t ng = a.K / a.G;
+  for (int64_t m0 = 0; m0 < a.M; m0 += R) {
+    BlockArgs c = a;
+    c.x = a.x + m0 * a.ldx; c.xsum = a.xsum + m0 * ng; c.y = a.y + m0 * kNB;
+    c.M = a.M - m0 < R ? a.M - m0 : R;
+    switch (c.M) {
+      case 1: gemv_t<B, 1>(c); break;
+      case 2: gemv_t<B, 2>(c); break;
+      case 3: gemv_t<B, 3>(c); break;
+      case 4: gemv_t<B, 4>(c); break;
+      case 5: gemv_t<B, 5>(c); break;
+      case 6: gemv_t<B, 6>(c); break;
+      case 7: if constexpr (R > 6) gemv_t<B, 7>(c); break;
+      default: if constexpr (R > 6) gemv_t<B, 8>(c); break;
+    }
   }
 }
 
@@ -155,10 +204,10 @@ void gemm_b(const BlockArgs& a) {
     const int64_t kn = a.K - kt < kKTile ? a.K - kt : kKTile;
     for (int64_t k = 0; k < kn; ++k) {
       const int64_t g = (kt + k) / a.G;
-      for (int h = 0; h < NV; ++h) {
-        const VF c = unpack<B>(a.codes + (kt + k) * RB, h);
-        store(a.tile + k * kNB + h * W, mul(sub(c, load(a.z + g * kNB + h * W)), load(a.s + g * kNB + h * W)));
-      }
+      VF c[NV];
+      unpack_all<B>(a.codes + (kt + k) * RB, c);
+      for (int h = 0; h < NV; ++h)
+        store(a.tile + k * kNB + h * W, mul(sub(c[h], load(a.z + g * kNB + h * W)), load(a.s + g * kNB + h * W)));
     }
     int64_t m0 = 0;
     for (; m0 + MR <= a.M; m0 += MR) gemm_rows<MR>(a, m0, kt, kn);
@@ -184,7 +233,7 @@ void gemm_block(const BlockArgs& a) {
   }
 }
 
-const CpuKernels kKernels = {gemv_block, gemm_block};
+const CpuKernels kKernels = {gemv_block, gemm_block, lane_rows};
 
 }  // namespace
 

@@ -6,7 +6,8 @@ dense bf16 ``F.linear``; also ours at 2, 3 and 8 bits (``--bits``). Every implem
 through enough weight copies to exceed the last-level cache (``--copies``), so weight bytes come
 from DRAM. GB/s counts the weight bytes each call must read (codes + scales + zeros).
 Goals (2-core CPU): M=1 >= 1.5x torch int4 and >= 70% of measured read bandwidth; M=16 >= 2x torch
-int4 and faster than dense bf16.
+int4 and faster than dense bf16. ``--device cuda`` times the CUDA kernels (layout cuda_k32) against
+dense ``F.linear`` (goals: M=1 >= 3x, M=16 >= 2.5x); not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -43,21 +44,24 @@ def cases(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, ks=(4096, 14
     import ttscale
     from ttscale.ops import quantize
 
-    if device != "cpu":
-        raise NotImplementedError("ttscale bench quant: only the CPU path exists so far")
+    if device not in ("cpu", "cuda"):
+        raise NotImplementedError(f"ttscale bench quant: no {device} path (cpu or cuda)")
+    gpu = device == "cuda"
     for k in ks:
         g = torch.Generator().manual_seed(0)
         w = torch.randn(n, k, generator=g) * 0.02
-        dense = [w.to(dtype)] + [w.to(dtype).clone() for _ in range(1)]  # each > LLC
+        dense = [w.to(dtype).to(device)] + [w.to(dtype).to(device).clone() for _ in range(1)]  # each > LLC
         for bits in bits_list:
             qw = quantize(w, bits=bits, group_size=group_size)
             qws = [qw] + [type(qw)(qw.packed.clone(), qw.scales.clone(),
                                    None if qw.zeros is None else qw.zeros.clone(),
                                    qw.bits, qw.group_size, qw.shape, qw.layout) for _ in range(copies - 1)]
             nbytes = qw.nbytes()
-            t4 = [_torch_int4(q, dtype) for q in qws[:copies]] if bits == 4 else None
+            t4 = [_torch_int4(q, dtype) for q in qws[:copies]] if bits == 4 and not gpu else None
+            if gpu:  # CUDA layout (cuda_k32); baseline: dense F.linear in the activation dtype
+                qws = [q.to(device) for q in qws]
             for m in ms:
-                x = torch.randn(m, k, generator=g).to(dtype)
+                x = torch.randn(m, k, generator=g).to(dtype).to(device)
                 nq = _cycle(qws)
                 impls = {f"ttscale int{bits}": lambda x=x, nq=nq: ttscale.ops.quant_matmul(x, nq())}
                 if t4 is not None:
@@ -68,6 +72,7 @@ def cases(device: str = "cpu", dtype: torch.dtype = torch.bfloat16, ks=(4096, 14
                         return torch._weight_int4pack_mm_for_cpu(x, p, gs, sz)
 
                     impls["torch int4pack_mm"] = torch_int4
+                if t4 is not None or (gpu and bits == 4):
                     nd = _cycle(dense)
                     impls["torch F.linear bf16"] = lambda x=x, nd=nd: F.linear(x, nd())
                 yield harness.Case(f"K={k} N={n} M={m} b{bits} G{group_size}", impls, bytes_read=nbytes,

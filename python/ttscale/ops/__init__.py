@@ -7,7 +7,7 @@ from .paged_attention import (
     merge_attention_states_,
     paged_attention,
 )
-from .quant_matmul import QuantizedWeight, dequantize, quant_matmul, quantize, unpack
+from .quant_matmul import QuantizedWeight, dequantize, from_awq, from_gptq, quant_matmul, quantize, repack, unpack
 from .sampling import sample, sample_from_probs, speculative_verify, token_logprobs
 from .sparse_paged_attention import attention_mass, new_page_summaries, sparse_paged_attention, update_page_summaries
 
@@ -31,4 +31,7 @@ __all__ = [
     "dequantize",
     "unpack",
     "quant_matmul",
+    "from_gptq",
+    "from_awq",
+    "repack",
 ]
