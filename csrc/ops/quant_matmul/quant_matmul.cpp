@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/parallel.h"
 #include "common/cpu_dispatch.h"
 
 #if defined(TTSCALE_WITH_CUDA)
@@ -103,7 +104,9 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   // Dynamic schedule: each thread takes `chunk` blocks at a time from a shared counter, so a thread
   // slowed down by other load on the machine does not hold up the others (static halves did).
   std::atomic<int64_t> next{0};
-  const int64_t nthreads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sh.nb));
+  // small products (a small model's decode step) stay on the calling thread (common/parallel.h)
+  const bool small = (double)M * (double)N * (double)K < 2.0 * kMinParallelMacs;
+  const int64_t nthreads = small ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sh.nb));
   const int64_t chunk = std::max<int64_t>(1, sh.nb / (nthreads * 16));
   at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
     std::vector<float> sbuf(ng * kNB), zbuf(ng * kNB), ybuf(M * kNB), tile(gemv ? 0 : kKTile * kNB);
