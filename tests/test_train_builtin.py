@@ -72,6 +72,18 @@ def test_outputs_and_meta(trained):
     assert "model.layers.1.self_attn.k_proj.weight" in names
 
 
+def test_prm_only_run_keeps_the_policy(trained, tmp_path):
+    out, _ = trained
+    meta = tb.main(["--out", str(tmp_path), "--policy-from", os.path.join(out, "policy"), "--prm-label", "prefix"]
+                   + TINY)
+    a, _ = tb.load_checkpoint(os.path.join(out, "policy"))
+    b, _ = tb.load_checkpoint(os.path.join(str(tmp_path), "policy"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        if k != "score.weight":
+            assert torch.equal(x, y), k
+    assert meta["policy_steps_run"] == 3 and meta["eval"]["prm_label"] == "prefix"
+
+
 def test_policy_matches_transformers(trained, tmp_path):
     out, _ = trained
     ours, tok = tb.load_checkpoint(os.path.join(out, "policy"))
