@@ -442,8 +442,8 @@ class TrainConfig:
     temperature: float = 1.0
     prm_problems: int = 512
     prm_samples: int = 4
-    prm_steps: int = 250
-    prm_lr: float = 1e-3
+    prm_steps: int = 400
+    prm_lr: float = 3e-3
     prm_lm_weight: float = 1.0
     test_problems: int = 200
     test_samples: int = 8

@@ -150,3 +150,26 @@ def test_auc_matches_pairwise_definition():
     neg = [a for a, l in zip(s, y) if not l]
     want = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
     assert abs(tb.auc(s, y) - want) < 1e-12
+
+
+def test_shipped_checkpoints_load_in_transformers():
+    from ttscale.data import builtin_path
+    with pytest.raises(ValueError, match="kind"):
+        builtin_path("nope")
+    meta = json.load(open(builtin_path("meta")))
+    tok = tasks.make_tokenizer()
+    pr = tasks.generate_problems(2, seed=1)
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(p.prompt + p.solution) for p in pr])
+    for kind, cls in (("policy", transformers.LlamaForCausalLM),
+                      ("prm", transformers.LlamaForSequenceClassification)):
+        path = builtin_path(kind)
+        hf = cls.from_pretrained(path, torch_dtype=torch.float32).eval()
+        ours, t = tb.load_checkpoint(path)
+        assert t.vocab == tok.vocab and hf.config.head_dim == 64
+        with torch.no_grad():
+            lm, score = ours(ids)
+            if kind == "policy":
+                torch.testing.assert_close(lm, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+            else:
+                torch.testing.assert_close(score[:, -1], hf(input_ids=ids).logits[:, 0], atol=1e-4, rtol=1e-4)
+    assert meta["eval"]["problems"] > 0 and meta["model_config"]["head_dim"] == 64
