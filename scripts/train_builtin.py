@@ -21,19 +21,25 @@ Pipeline (all randomness from ``--seed``):
    reaches ``--stop-acc`` (or after ``--policy-steps``). The policy is deliberately stopped while
    it still makes mistakes, so that search has something to fix.
 2. PRM data. The policy samples ``--prm-samples`` completions per problem for fresh problems; every
-   line gets the exact label "all steps so far are correct" (``prefix_correct(check_steps(...))``).
-   Synthetic negatives balance them: a gold solution with one corrupted line (wrong result, wrong
-   operand, wrong left value) continued correctly from the corrupted state.
+   line gets its exact label (``--prm-label``, below). Synthetic examples are mixed in: gold
+   solutions and gold solutions with one corrupted line (wrong result, wrong operand, wrong left
+   value), continued correctly from the corrupted state.
 3. PRM. Same architecture, initialised from the policy and trained further with BCE on the step
    labels plus the next-token loss on gold solutions (the LM loss keeps teaching it arithmetic; its
    LM head is not saved). The PRM therefore knows the arithmetic better than the policy, as a
-   verifier should.
+   verifier should. Its RNGs are seeded from ``--seed`` independently of phase 1, so
+   ``--policy-from DIR`` (reuse a trained policy, train only the PRM) gives the same PRM as a full run.
 
 PRM semantics (what the shipped checkpoint computes): input ``<bos> + prompt + completion prefix``;
 the score of step ``i`` is ``sigmoid(score . h)`` at the position of the step's final ``"\\n"`` token
-(for ``LlamaForSequenceClassification`` that is the pooled output when the input ends there), the
-probability that step ``i`` and every step before it are correct. One forward pass over a whole
-completion gives every step's score (the model is causal).
+(for ``LlamaForSequenceClassification`` that is the pooled output when the input ends there). With
+the default ``--prm-label step`` (PRM800K-style) it is the probability that step ``i`` is correct
+*given the lines before it* (``check_steps``: right label, right left value copied from the previous
+line, right operation, right result); a solution's score is then the MIN (or product) over its
+steps, which is the probability-like score that every step so far is correct. With
+``--prm-label prefix`` the label is already "this step and all before it are correct"
+(``prefix_correct``), and the last step's score is the solution's score. One forward pass over a
+whole completion gives every step's score (the model is causal).
 
 Sequences are ``<bos> prompt solution <eos>`` with the built-in ``CharTokenizer``
 (``ttscale.tasks.make_tokenizer()``). Library code (the model, sampling, saving) is importable from
@@ -237,11 +243,17 @@ def lm_batch(tok, problems) -> Tuple[torch.Tensor, torch.Tensor]:
     return pad_right(ids, tok.pad_token_id), pad_right(tgt, -100, fill=-100)
 
 
-def step_label_example(tok, pr, completion: str, eos: bool) -> Tuple[List[int], List[int]]:
-    """Ids and per-position labels (-1 = no label; 0/1 at each step's final "\\n")."""
+def step_label_example(tok, pr, completion: str, eos: bool, label: str = "step") -> Tuple[List[int], List[int]]:
+    """Ids and per-position labels (-1 = no label; 0/1 at each step's final "\\n"). ``label``:
+    "step" = the step itself is correct given the lines before it (``check_steps``), "prefix" = it
+    and every step before it are correct (``prefix_correct(check_steps)``)."""
     ids, start = encode_example(tok, pr.prompt, completion, eos=eos)
     labels = [-1] * len(ids)
-    ok = task.prefix_correct(task.check_steps(pr, completion))
+    ok = task.check_steps(pr, completion)
+    if label == "prefix":
+        ok = task.prefix_correct(ok)
+    elif label != "step":
+        raise ValueError(f"step_label_example: label must be 'step' or 'prefix', got {label!r}")
     pos = start - 1
     for line, good in zip(task.split_steps(completion), ok):
         pos += len(line)
@@ -430,11 +442,13 @@ class TrainConfig:
     temperature: float = 1.0
     prm_problems: int = 512
     prm_samples: int = 4
-    prm_steps: int = 250
-    prm_lr: float = 1e-3
+    prm_steps: int = 400
+    prm_lr: float = 3e-3
     prm_lm_weight: float = 1.0
     test_problems: int = 200
     test_samples: int = 8
+    prm_label: str = "step"         # "step" (each step given the previous lines) or "prefix"
+    policy_from: str = ""          # a policy checkpoint folder: skip phase 1 and train only the PRM
     threads: int = 1               # 1 is much faster than 2 on a busy 2-core machine
 
 
@@ -487,12 +501,15 @@ def evaluate(policy, prm, tok, tc: TrainConfig, seed: int, log=print) -> Dict:
     correct = [task.check_answer(p, o) for p, o in zip(rep, outs)]
     step_s, step_l, step_acc = [], [], []
     for p, o, s in zip(rep, outs, scores):
-        lab = [int(x) for x, line in zip(task.prefix_correct(task.check_steps(p, o)), task.split_steps(o))
+        flags = task.check_steps(p, o)
+        if tc.prm_label == "prefix":
+            flags = task.prefix_correct(flags)
+        lab = [int(x) for x, line in zip(flags, task.split_steps(o))
                if line.endswith("\n")]
         step_s += s
         step_l += lab
         step_acc += [int((v > 0.5) == bool(l)) for v, l in zip(s, lab)]
-    maj = bon = bon_min = orc = 0
+    maj = bon = bon_min = bon_prod = orc = 0
     for i, p in enumerate(probs):
         o = outs[i * n:(i + 1) * n]
         s = scores[i * n:(i + 1) * n]
@@ -507,15 +524,44 @@ def evaluate(policy, prm, tok, tc: TrainConfig, seed: int, log=print) -> Dict:
         mins = [min(x) if x else 0.0 for x in s]
         bon += int(answers[max(range(n), key=lambda j: last[j])] == p.answer)
         bon_min += int(answers[max(range(n), key=lambda j: mins[j])] == p.answer)
+        prods = [math.prod(x) if x else 0.0 for x in s]
+        bon_prod += int(answers[max(range(n), key=lambda j: prods[j])] == p.answer)
         orc += int(any(a == p.answer for a in answers))
     m = len(probs)
     res = dict(problems=m, samples_per_problem=n, temperature=tc.temperature, difficulty=tc.difficulty,
                single_sample_acc=sum(correct) / len(correct), majority_of_n_acc=maj / m,
-               prm_best_of_n_acc_last=bon / m, prm_best_of_n_acc_min=bon_min / m, oracle_pass_at_n=orc / m,
+               prm_best_of_n_acc_last=bon / m, prm_best_of_n_acc_min=bon_min / m, prm_best_of_n_acc_prod=bon_prod / m, prm_label=tc.prm_label,
+               oracle_pass_at_n=orc / m,
                prm_step_auc=auc(step_s, step_l), prm_step_acc=sum(step_acc) / max(1, len(step_acc)),
                steps_labelled=len(step_l), steps_positive_frac=sum(step_l) / max(1, len(step_l)))
     log("eval: " + json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}))
     return res
+
+
+def _train_policy(model, tok, tc, rng, gen, val, diff, history, t0, log) -> int:
+    opt = torch.optim.AdamW([p for n_, p in model.named_parameters() if n_ != "score.weight"], lr=tc.lr,
+                            betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    step = 0
+    for step in range(1, tc.policy_steps + 1):
+        # constant LR after warmup: the stop is by accuracy, so no schedule end to aim at
+        for g in opt.param_groups:
+            g["lr"] = tc.lr * min(1.0, step / tc.warmup)
+        probs = task.generate_problems(tc.batch_size, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
+        x, y = lm_batch(tok, probs)
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % tc.eval_every == 0 or step == tc.policy_steps:
+            acc = _policy_accuracy(model, tok, val, tc.temperature, gen)
+            history.append(dict(step=step, loss=round(loss.item(), 4), val_acc=acc))
+            log(f"policy step {step} loss {loss.item():.4f} val_acc {acc:.3f} ({time.time() - t0:.0f}s)")
+            if acc >= tc.stop_acc:
+                break
+    return step
 
 
 def train(tc: TrainConfig, out: str, log=print) -> Dict:
@@ -536,41 +582,32 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
     gen = torch.Generator().manual_seed(tc.seed)
 
     # ---- 1. policy
-    opt = torch.optim.AdamW([p for n_, p in model.named_parameters() if n_ != "score.weight"], lr=tc.lr,
-                            betas=(0.9, 0.98), weight_decay=0.01)
-    model.train()
-    history = []
-    step = 0
-    for step in range(1, tc.policy_steps + 1):
-        # constant LR after warmup: the stop is by accuracy, so no schedule end to aim at
-        for g in opt.param_groups:
-            g["lr"] = tc.lr * min(1.0, step / tc.warmup)
-        probs = task.generate_problems(tc.batch_size, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
-        x, y = lm_batch(tok, probs)
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % tc.eval_every == 0 or step == tc.policy_steps:
-            acc = _policy_accuracy(model, tok, val, tc.temperature, gen)
-            history.append(dict(step=step, loss=round(loss.item(), 4), val_acc=acc))
-            log(f"policy step {step} loss {float(loss):.4f} val_acc {acc:.3f} ({time.time() - t0:.0f}s)")
-            if acc >= tc.stop_acc:
-                break
-    policy_steps_run = step
+    history: List[Dict] = []
+    if tc.policy_from:
+        # skip phase 1 (e.g. to tune the PRM): the PRM phase has its own seeded RNGs below, so this
+        # gives the same PRM as a full run that produced this policy
+        loaded, _ = load_checkpoint(tc.policy_from)
+        model.load_state_dict(loaded.state_dict())
+        meta_prev = os.path.join(os.path.dirname(os.path.abspath(tc.policy_from)), "meta.json")
+        prev = json.load(open(meta_prev)) if os.path.exists(meta_prev) else {}
+        policy_steps_run = prev.get("policy_steps_run")
+        history = prev.get("policy_history", [])
+        log(f"policy loaded from {tc.policy_from} ({policy_steps_run} steps)")
+    else:
+        policy_steps_run = _train_policy(model, tok, tc, rng, gen, val, diff, history, t0, log)
     model.eval()
     save_checkpoint(model, tok, os.path.join(out, "policy"), "policy")
     policy_state = {k: v.clone() for k, v in model.state_dict().items()}
     t_policy = time.time() - t0
+    rng = random.Random(tc.seed + 7)
+    gen = torch.Generator().manual_seed(tc.seed + 7)
 
     # ---- 2. PRM data: policy samples labelled exactly, plus synthetic corruptions
     prm_probs = task.generate_problems(tc.prm_problems, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
     rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
     outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.temperature,
                   max_new_tokens=_max_new(prm_probs), generator=gen)
-    data = [step_label_example(tok, p, o, eos=False) for p, o in zip(rep, outs)]
+    data = [step_label_example(tok, p, o, eos=False, label=tc.prm_label) for p, o in zip(rep, outs)]
     pos = sum(l == 1 for _, lab in data for l in lab)
     neg = sum(l == 0 for _, lab in data for l in lab)
     log(f"prm data: {len(data)} policy samples, step labels +{pos} -{neg} ({time.time() - t0:.0f}s)")
@@ -591,7 +628,7 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
         syn = task.generate_problems(half, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
         for p in syn:
             comp = corrupt_solution(p, rng) if rng.random() < 0.7 else p.solution
-            batch.append(step_label_example(tok, p, comp, eos=False))
+            batch.append(step_label_example(tok, p, comp, eos=False, label=tc.prm_label))
         ids = pad_right([b[0] for b in batch], tok.pad_token_id)
         lab = pad_right([b[1] for b in batch], -1, fill=-1)
         _, score = prm(ids)
@@ -606,7 +643,7 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
         torch.nn.utils.clip_grad_norm_(prm.parameters(), 1.0)
         opt.step()
         if step % tc.eval_every == 0 or step == tc.prm_steps:
-            log(f"prm step {step} bce {float(bce):.4f} lm {float(lm):.4f} ({time.time() - t0:.0f}s)")
+            log(f"prm step {step} bce {bce.item():.4f} lm {lm.item():.4f} ({time.time() - t0:.0f}s)")
     prm.eval()
     save_checkpoint(prm, tok, os.path.join(out, "prm"), "prm")
     t_prm = time.time() - t0 - t_policy - t_data

@@ -72,6 +72,18 @@ def test_outputs_and_meta(trained):
     assert "model.layers.1.self_attn.k_proj.weight" in names
 
 
+def test_prm_only_run_keeps_the_policy(trained, tmp_path):
+    out, _ = trained
+    meta = tb.main(["--out", str(tmp_path), "--policy-from", os.path.join(out, "policy"), "--prm-label", "prefix"]
+                   + TINY)
+    a, _ = tb.load_checkpoint(os.path.join(out, "policy"))
+    b, _ = tb.load_checkpoint(os.path.join(str(tmp_path), "policy"))
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        if k != "score.weight":
+            assert torch.equal(x, y), k
+    assert meta["policy_steps_run"] == 3 and meta["eval"]["prm_label"] == "prefix"
+
+
 def test_policy_matches_transformers(trained, tmp_path):
     out, _ = trained
     ours, tok = tb.load_checkpoint(os.path.join(out, "policy"))
@@ -138,3 +150,26 @@ def test_auc_matches_pairwise_definition():
     neg = [a for a, l in zip(s, y) if not l]
     want = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg) / (len(pos) * len(neg))
     assert abs(tb.auc(s, y) - want) < 1e-12
+
+
+def test_shipped_checkpoints_load_in_transformers():
+    from ttscale.data import builtin_path
+    with pytest.raises(ValueError, match="kind"):
+        builtin_path("nope")
+    meta = json.load(open(builtin_path("meta")))
+    tok = tasks.make_tokenizer()
+    pr = tasks.generate_problems(2, seed=1)
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(p.prompt + p.solution) for p in pr])
+    for kind, cls in (("policy", transformers.LlamaForCausalLM),
+                      ("prm", transformers.LlamaForSequenceClassification)):
+        path = builtin_path(kind)
+        hf = cls.from_pretrained(path, torch_dtype=torch.float32).eval()
+        ours, t = tb.load_checkpoint(path)
+        assert t.vocab == tok.vocab and hf.config.head_dim == 64
+        with torch.no_grad():
+            lm, score = ours(ids)
+            if kind == "policy":
+                torch.testing.assert_close(lm, hf(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+            else:
+                torch.testing.assert_close(score[:, -1], hf(input_ids=ids).logits[:, 0], atol=1e-4, rtol=1e-4)
+    assert meta["eval"]["problems"] > 0 and meta["model_config"]["head_dim"] == 64
