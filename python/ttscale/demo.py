@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 DEFAULT_STRATEGIES = ("majority", "best-of-n", "weighted-bon", "beam", "dvts", "rebase", "particle-filter")
-# the engine path runs a real model on the CPU: fewer strategies, problems and budgets by default so
+# the engine path runs a real model on the CPU: five strategies and 20 problems by default (budgets up to 64
+# take about 3 minutes on 2 cores; measured 2026-11-22), so
 # that it finishes in a few minutes on 2 cores (--strategies / --problems / --max-budget scale it up)
-ENGINE_DEFAULTS = {"strategies": ("majority", "best-of-n", "beam", "rebase", "particle-filter"), "problems": 8,
-                   "max_budget": 8}
+ENGINE_DEFAULTS = {"strategies": ("majority", "best-of-n", "beam", "rebase", "particle-filter"), "problems": 20,
+                   "max_budget": 64}
 HELDOUT_SEED = 1_000_003  # problems drawn from a seed range training never uses
 
 
@@ -82,16 +83,26 @@ class EngineBackend:
                                    max_new_tokens=args.max_new_tokens,
                                    sampling=engine_mod.SamplingParams(temperature=args.temperature),
                                    extract_answer=tasks.extract_answer)
-        self.prm = PRMVerifier(prm, self.engine.tokenizer, step_delimiter=delim)
+        # The built-in PRM is trained on per-step labels ("this step is right given the lines
+        # before it"), so a partial solution's score is the min over its steps, not the last one.
+        self.prm = PRMVerifier(prm, self.engine.tokenizer, step_delimiter=delim, aggregate=args.prm_aggregate)
         self.args = args
 
     def describe(self) -> str:
         src = self.args.model or "built-in policy"
-        return f"engine ({src}) + PRM ({self.args.prm or 'built-in'}), {len(self.problems)} held-out problems"
+        ver = ("the task's exact step checker (an oracle PRM)" if self.args.verifier == "exact"
+               else f"PRM ({self.args.prm or 'built-in'}, {self.args.prm_aggregate} over steps)")
+        return f"engine ({src}) + {ver}, {len(self.problems)} held-out problems"
 
     def instance(self, i: int) -> Instance:
         p = self.problems[i]
-        return Instance(p.prompt, self.gen, self.prm,
+        ver = self.prm
+        if self.args.verifier == "exact":
+            from ttscale.search import ExactVerifier
+
+            ver = ExactVerifier(lambda t, p=p: self.tasks.check_answer(p, t),
+                                lambda t, p=p: self.tasks.check_steps(p, t))
+        return Instance(p.prompt, self.gen, ver,
                         lambda a, p=p: a is not None and str(a).strip() == str(p.answer))
 
 
@@ -214,9 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="local policy checkpoint directory (default: the built-in one)")
     ap.add_argument("--prm", default=None, help="local PRM checkpoint directory, same tokenizer as the policy "
                     "(default: the built-in PRM)")
-    ap.add_argument("--problems", type=int, default=None, help="held-out problems (default 40 simulated, 8 engine)")
+    ap.add_argument("--problems", type=int, default=None, help="held-out problems (default 40 simulated, 20 engine)")
     ap.add_argument("--max-budget", type=int, default=None, help="budgets 1, 2, 4, ... up to this "
-                    "(default 64 simulated, 8 engine)")
+                    "(default 64)")
     ap.add_argument("--budgets", default=None, help="explicit comma-separated budgets (overrides --max-budget)")
     ap.add_argument("--strategies", default=None,
                     help="comma-separated, from: majority, best-of-n, weighted-bon, self-consistency, beam, dvts, "
@@ -227,6 +238,12 @@ def main(argv=None) -> int:
     ap.add_argument("--difficulty", type=int, default=None, help="task difficulty (engine backend)")
     ap.add_argument("--max-step-tokens", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--verifier", choices=("prm", "exact"), default="prm",
+                    help="engine backend: the PRM (default) or the task's exact step checker (an oracle PRM: "
+                         "what a perfect process reward model would give)")
+    ap.add_argument("--prm-aggregate", choices=("min", "prod", "last", "mean"), default="min",
+                    help="how the PRM's step scores make a solution score (default min: the built-in PRM "
+                         "scores each step given the lines before it)")
     ap.add_argument("--prm-noise", type=float, default=2.5, help="simulator PRM noise (std of the logit noise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="ttscale_demo.png", help="PNG path ('' to skip)")
