@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 DEFAULT_STRATEGIES = ("majority", "best-of-n", "weighted-bon", "beam", "dvts", "rebase", "particle-filter")
-# the engine path runs a real model on the CPU: five strategies and 20 problems by default (budgets up to 64
-# take about 3 minutes on 2 cores; measured 2026-11-22), so
-# that it finishes in a few minutes on 2 cores (--strategies / --problems / --max-budget scale it up)
+# the engine path runs a real model on the CPU: five strategies, 20 problems, budgets 1..64 by default
+# (about 3 minutes on 2 cores, measured 2026-11-22; --strategies / --problems / --max-budget change it)
 ENGINE_DEFAULTS = {"strategies": ("majority", "best-of-n", "beam", "rebase", "particle-filter"), "problems": 20,
                    "max_budget": 64}
 HELDOUT_SEED = 1_000_003  # problems drawn from a seed range training never uses
