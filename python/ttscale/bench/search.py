@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="local policy checkpoint (default: the built-in one)")
     ap.add_argument("--prm", default=None, help="local PRM checkpoint (default: the built-in one)")
     ap.add_argument("--problems", type=int, default=8)
-    ap.add_argument("--width", type=int, default=8, help="beams / REBASE width (budget n)")
+    ap.add_argument("--width", type=int, default=32, help="beams / REBASE width (budget n)")
     ap.add_argument("--beam-width", type=int, default=4)
     ap.add_argument("--strategies", default="beam,rebase")
     ap.add_argument("--difficulty", type=int, default=None)
