@@ -34,11 +34,12 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_isas_built"] = std::string(TTSCALE_BUILT_CPU_ISAS);
     d["cpu_isa"] = std::string(ttscale::cpu::isa_name(ttscale::cpu::active_isa()));
     py::list supported;
-    for (auto isa : {ttscale::cpu::Isa::kGeneric, ttscale::cpu::Isa::kAvx2, ttscale::cpu::Isa::kAvx512})
+    for (auto isa : {ttscale::cpu::Isa::kGeneric, ttscale::cpu::Isa::kAvx2, ttscale::cpu::Isa::kAvx512,
+                     ttscale::cpu::Isa::kAvx512Bf16})
       if (ttscale::cpu::isa_supported(isa)) supported.append(ttscale::cpu::isa_name(isa));
     d["cpu_isas_supported"] = supported;
     return d;
   });
   m.def("_set_cpu_isa", &ttscale::cpu::set_isa, py::arg("name"),
-        "Force the CPU SIMD path ('generic', 'avx2', 'avx512' or 'auto'); returns the previous one.");
+        "Force the CPU SIMD path ('generic', 'avx2', 'avx512', 'avx512bf16' or 'auto'); returns the previous one.");
 }

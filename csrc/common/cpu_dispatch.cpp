@@ -10,6 +10,7 @@ namespace cpu {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return "avx512bf16";
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "generic";
@@ -18,6 +19,12 @@ const char* isa_name(Isa isa) {
 
 bool isa_built(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+#if defined(TTSCALE_HAVE_ISA_AVX512BF16)
+      return true;
+#else
+      return false;
+#endif
     case Isa::kAvx512:
 #if defined(TTSCALE_HAVE_ISA_AVX512)
       return true;
@@ -39,6 +46,9 @@ bool isa_supported(Isa isa) {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return isa_supported(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16") &&
+             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi");
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -55,6 +65,7 @@ bool isa_supported(Isa isa) {
 
 namespace {
 Isa best_isa() {
+  if (isa_supported(Isa::kAvx512Bf16)) return Isa::kAvx512Bf16;
   if (isa_supported(Isa::kAvx512)) return Isa::kAvx512;
   if (isa_supported(Isa::kAvx2)) return Isa::kAvx2;
   return Isa::kGeneric;
@@ -62,7 +73,7 @@ Isa best_isa() {
 
 Isa parse(const std::string& name) {
   if (name == "auto" || name.empty()) return best_isa();
-  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512})
+  for (Isa isa : {Isa::kGeneric, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16})
     if (name == isa_name(isa)) {
       if (!isa_supported(isa))
         throw std::invalid_argument("ttscale: CPU ISA '" + name +
@@ -70,7 +81,7 @@ Isa parse(const std::string& name) {
       return isa;
     }
   throw std::invalid_argument("ttscale: unknown CPU ISA '" + name +
-                              "' (expected auto, generic, avx2 or avx512)");
+                              "' (expected auto, generic, avx2, avx512 or avx512bf16)");
 }
 
 std::atomic<int>& current() {

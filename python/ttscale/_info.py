@@ -8,7 +8,7 @@ def build_info() -> dict:
 
     Keys: ``version``, ``torch`` (the torch it runs with), ``cuda`` (CUDA kernels compiled),
     ``cuda_archs`` (e.g. ``"8.0,9.0a"``), ``cuda_available`` (a GPU usable right now),
-    ``cpu_isa`` (the SIMD path in use: ``avx512``, ``avx2`` or ``generic``), ``cpu_isas_built``,
+    ``cpu_isa`` (the SIMD path in use: ``avx512bf16``, ``avx512``, ``avx2`` or ``generic``), ``cpu_isas_built``,
     ``cpu_isas_supported`` and ``num_threads`` (torch's intra-op threads, which ttscale's CPU
     kernels use).
     """
@@ -20,7 +20,7 @@ def build_info() -> dict:
 
 
 def set_cpu_isa(name: str) -> str:
-    """Force the CPU SIMD path (``"generic"``, ``"avx2"``, ``"avx512"`` or ``"auto"``).
+    """Force the CPU SIMD path (``"generic"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"`` or ``"auto"``).
 
     Returns the previous one. Raises ValueError if the CPU or the build does not support it.
     The environment variable ``TTSCALE_CPU_ISA`` does the same at start-up.
