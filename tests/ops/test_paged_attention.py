@@ -473,7 +473,7 @@ def test_cuda_merge_append_copy_match_cpu(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_error_at_most_twice_torch_in_same_dtype(dtype):
+def test_error_at_most_twice_torch_in_same_dtype(cpu_isa, dtype):
     # the bound: no more than 2x the error plain torch (SDPA on the gathered KV, in `dtype`)
     # makes against the float64 reference
     lens = [17, 127, 1000]

@@ -70,6 +70,28 @@ def time_once(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
+def llc_bytes(device: str = "cpu") -> int:
+    """Size of the last-level cache (CPU: from sysfs, 32 MiB if unknown; CUDA: the L2)."""
+    if device.startswith("cuda"):
+        return int(getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20))
+    best = 0
+    try:
+        import glob
+        for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+            txt = open(f).read().strip()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(txt[-1], 1)
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or 32 * 2**20
+
+
+def copies_to_defeat_cache(nbytes: int, device: str = "cpu") -> int:
+    """How many copies of an `nbytes` working set to rotate over so that each call reads from memory,
+    not from a cache the previous calls warmed (working set x copies >= 3x the last-level cache)."""
+    return max(1, -(-3 * llc_bytes(device) // max(int(nbytes), 1)))
+
+
 def ceilings(device: str, quick: bool = False) -> dict:
     """Read bandwidth (GB/s) and matmul rate (TFLOP/s), measured now on `device`."""
     gb = 0.25 if quick else 1.0
