@@ -3,11 +3,11 @@
 #include "ops/paged_attention/paged_attention.h"
 #include "common/attention_math.h"
 #include "common/cpu_simd.h"
+#include "common/attention_cpu_tiles.h"
 #include "common/dispatch.h"
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 namespace ttscale {
 namespace cpu {
@@ -20,288 +20,7 @@ using paged::kRowTile;
 using paged::PagedItem;
 using paged::PagedParams;
 
-// ---- horizontal sums of 8 accumulators: out[i] = hsum(a_i) (extra SIMD helper of this op)
-inline void hsum8(VF a0, VF a1, VF a2, VF a3, VF a4, VF a5, VF a6, VF a7, float* out) {
-#if defined(TTSCALE_CPU_ISA_AVX2)
-  const __m256 t0 = _mm256_hadd_ps(a0.v, a1.v), t1 = _mm256_hadd_ps(a2.v, a3.v);
-  const __m256 t2 = _mm256_hadd_ps(a4.v, a5.v), t3 = _mm256_hadd_ps(a6.v, a7.v);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-#else
-  out[0] = hsum(a0); out[1] = hsum(a1); out[2] = hsum(a2); out[3] = hsum(a3);
-  out[4] = hsum(a4); out[5] = hsum(a5); out[6] = hsum(a6); out[7] = hsum(a7);
-#endif
-}
-
-inline void prefetch(const void* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 1);
-#else
-  (void)p;
-#endif
-}
-
-// Paced software prefetch of the next chunk's K and V rows, in address order (token rows of the
-// item's heads, each `span` bytes). The hardware prefetchers do not follow the page table's jumps
-// nor the kernels' head-by-head walk over 2-4 KiB token rows, so the next chunk is fetched by hand;
-// issuing it as one burst stalls the core once the miss buffers fill (the burst then runs serially
-// with the math: ~3x slower decode), so the kernels call step() from their inner loops and the lines
-// trickle out at about the rate the math consumes them.
-struct PrefetchStream {
-  const char* k[kKeyChunk];
-  const char* v[kKeyChunk];
-  int n = 0, row = 0;
-  int64_t span = 0, off = 0;
-  int per_step = 1;  // lines of K (and of V) per step()
-  inline void step() {
-    for (int i = 0; i < per_step && row < n; ++i) {
-      prefetch(k[row] + off);
-      prefetch(v[row] + off);
-      off += 64;
-      if (off >= span) { off = 0; ++row; }
-    }
-  }
-  inline void drain() { while (row < n) step(); }
-};
-
-// S[r][j] = q_r . k_j for 4 rows x nk keys (nk <= kKeyChunk), 2 keys at a time: 8 accumulators,
-// 2 key loads + 4 query loads per 8 FMAs. Rows past nr alias row 0 (results unused).
-template <typename KT, int D>
-inline void qk_tile(const float* const* q, const KT* const* kp, int nk, float (*S)[kKeyChunk], PrefetchStream* pf) {
-  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
-  int j = 0;
-  for (; j < nk; j += 2) {
-    pf->step();
-    const KT* k0 = kp[j];
-    const KT* k1 = kp[j + 1 < nk ? j + 1 : j];
-    VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int d = 0; d < D; d += W) {
-      const VF x0 = load(k0 + d), x1 = load(k1 + d);
-      VF y = load(q0 + d); a0 = fmadd(y, x0, a0); a1 = fmadd(y, x1, a1);
-      y = load(q1 + d); a2 = fmadd(y, x0, a2); a3 = fmadd(y, x1, a3);
-      y = load(q2 + d); a4 = fmadd(y, x0, a4); a5 = fmadd(y, x1, a5);
-      y = load(q3 + d); a6 = fmadd(y, x0, a6); a7 = fmadd(y, x1, a7);
-    }
-    float s[8];
-    hsum8(a0, a1, a2, a3, a4, a5, a6, a7, s);
-    S[0][j] = s[0]; S[1][j] = s[2]; S[2][j] = s[4]; S[3][j] = s[6];
-    if (j + 1 < nk) { S[0][j + 1] = s[1]; S[1][j + 1] = s[3]; S[2][j + 1] = s[5]; S[3][j + 1] = s[7]; }
-  }
-}
-
-// The same scores from a transposed fp32 key block kT[d][j] (row stride kKeyChunk), as a GEMM
-// micro-kernel: 4 rows x 2W keys, 8 accumulators, per d 2 key loads + 4 broadcasts for 8 FMAs, no
-// horizontal sums. Used when many row tiles share the chunk (multi-query blocks), where the
-// transpose is paid once per chunk. Columns past nk hold garbage and are masked by the caller.
-template <int D>
-inline void qk_tile_t(const float* const* q, const float* kT, int nk, float (*S)[kKeyChunk]) {
-  const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
-  for (int j0 = 0; j0 < nk; j0 += 2 * W) {
-    VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    const float* kc = kT + j0;
-    for (int d = 0; d < D; ++d) {
-      const VF x0 = load(kc + d * kKeyChunk), x1 = load(kc + d * kKeyChunk + W);
-      VF y = set1(q0[d]); a0 = fmadd(y, x0, a0); a1 = fmadd(y, x1, a1);
-      y = set1(q1[d]); a2 = fmadd(y, x0, a2); a3 = fmadd(y, x1, a3);
-      y = set1(q2[d]); a4 = fmadd(y, x0, a4); a5 = fmadd(y, x1, a5);
-      y = set1(q3[d]); a6 = fmadd(y, x0, a6); a7 = fmadd(y, x1, a7);
-    }
-    store(S[0] + j0, a0); store(S[0] + j0 + W, a1); store(S[1] + j0, a2); store(S[1] + j0 + W, a3);
-    store(S[2] + j0, a4); store(S[2] + j0 + W, a5); store(S[3] + j0, a6); store(S[3] + j0 + W, a7);
-  }
-}
-
-// O_r += sum_j P[r][j] v_j for 4 rows, 2 vectors of D at a time: 8 accumulators held in registers
-// across all nk keys, 2 value loads + 4 broadcasts per 8 FMAs.
-template <typename VT, int D>
-inline void pv_tile(float* const* o, const float (*P)[kKeyChunk], const VT* const* vp, int nk, PrefetchStream* pf) {
-  float *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3];
-  for (int d = 0; d < D; d += 2 * W) {
-    VF c0 = load(o0 + d), c1 = load(o0 + d + W), c2 = load(o1 + d), c3 = load(o1 + d + W);
-    VF c4 = load(o2 + d), c5 = load(o2 + d + W), c6 = load(o3 + d), c7 = load(o3 + d + W);
-    for (int j = 0; j < nk; ++j) {
-      if (pf) pf->step();
-      const VT* v = vp[j];
-      const VF x0 = load(v + d), x1 = load(v + d + W);
-      VF p = set1(P[0][j]); c0 = fmadd(p, x0, c0); c1 = fmadd(p, x1, c1);
-      p = set1(P[1][j]); c2 = fmadd(p, x0, c2); c3 = fmadd(p, x1, c3);
-      p = set1(P[2][j]); c4 = fmadd(p, x0, c4); c5 = fmadd(p, x1, c5);
-      p = set1(P[3][j]); c6 = fmadd(p, x0, c6); c7 = fmadd(p, x1, c7);
-    }
-    store(o0 + d, c0); store(o0 + d + W, c1); store(o1 + d, c2); store(o1 + d + W, c3);
-    store(o2 + d, c4); store(o2 + d + W, c5); store(o3 + d, c6); store(o3 + d + W, c7);
-  }
-}
-
-#if defined(TTSCALE_CPU_ISA_AVX512)
-// ---- AVX-512 decode micro-kernels (few rows per KV head: decode, GQA groups, short verify blocks).
-//
-// The generic qk_tile above ends every 2 keys x 4 rows with 8 full horizontal sums; with 16 lanes a
-// horizontal sum costs about as much as the 8 FMAs of a D=128 dot product, so it halved the rate.
-// Here a block is 4 rows x 4 keys = 16 accumulators (plus 4 key vectors and 1 query vector in
-// registers), and the 16 sums are finished together by a transpose-and-add tree (45 shuffles/adds
-// for 16 dot products) whose result lanes come out row-major: lane 4*r + j = S[r][j].
-
-// reduce16: a[4*j + r] -> lane 4*r + j = hsum(a[4*j + r]).
-//  level 1 (pairs A,B):  [A0 A1 B0 B1] + [A2 A3 B2 B3]        (128-bit lanes)
-//  level 2 (pairs P,Q):  [P0 P2 Q0 Q2] + [P1 P3 Q1 Q3]  -> t_n: 128-bit lane k holds 4 partials of a[4n+k]
-//  level 3: 4x4 transpose-add inside every 128-bit lane -> lane (k, n) = sum a[4n+k]
-inline __m512 reduce16(const __m512* a) {
-  __m512 s[8];
-  for (int m = 0; m < 8; ++m)
-    s[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  __m512 t[4];
-  for (int n = 0; n < 4; ++n)
-    t[n] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * n], s[2 * n + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(s[2 * n], s[2 * n + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 v01 = _mm512_add_ps(_mm512_unpacklo_ps(t[0], t[1]), _mm512_unpackhi_ps(t[0], t[1]));
-  const __m512 v23 = _mm512_add_ps(_mm512_unpacklo_ps(t[2], t[3]), _mm512_unpackhi_ps(t[2], t[3]));
-  const __m512d a01 = _mm512_castps_pd(v01), a23 = _mm512_castps_pd(v23);
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a01, a23)), _mm512_castpd_ps(_mm512_unpackhi_pd(a01, a23)));
-}
-
-// S[r][j .. j+3] = 128-bit lane r of x, times `scale`. Columns past nk get garbage (masked by the
-// caller); j + 4 <= kKeyChunk always holds because j is a multiple of 4 below nk <= kKeyChunk.
-inline void store_s4x4(__m512 x, float scale, float (*S)[kKeyChunk], int j) {
-  x = _mm512_mul_ps(x, _mm512_set1_ps(scale));
-  _mm_storeu_ps(S[0] + j, _mm512_castps512_ps128(x));
-  _mm_storeu_ps(S[1] + j, _mm512_extractf32x4_ps(x, 1));
-  _mm_storeu_ps(S[2] + j, _mm512_extractf32x4_ps(x, 2));
-  _mm_storeu_ps(S[3] + j, _mm512_extractf32x4_ps(x, 3));
-}
-
-// S[r][j] = q_r . k_j (q already scaled), 4 rows x 4 keys per block; keys past nk alias the last one.
-template <typename KT, int D>
-inline void qk_tile4(const float* const* q, const KT* const* kp, int nk, float (*S)[kKeyChunk], PrefetchStream* pf) {
-  for (int j = 0; j < nk; j += 4) {
-    pf->step();
-    const KT* k[4];
-    for (int i = 0; i < 4; ++i) k[i] = kp[j + i < nk ? j + i : nk - 1];
-    __m512 a[16];
-    for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += W) {
-      const __m512 x0 = load(k[0] + d).v, x1 = load(k[1] + d).v, x2 = load(k[2] + d).v, x3 = load(k[3] + d).v;
-      for (int r = 0; r < 4; ++r) {
-        const __m512 y = _mm512_loadu_ps(q[r] + d);
-        a[r] = _mm512_fmadd_ps(y, x0, a[r]);
-        a[4 + r] = _mm512_fmadd_ps(y, x1, a[4 + r]);
-        a[8 + r] = _mm512_fmadd_ps(y, x2, a[8 + r]);
-        a[12 + r] = _mm512_fmadd_ps(y, x3, a[12 + r]);
-      }
-    }
-    store_s4x4(reduce16(a), 1.0f, S, j);
-  }
-}
-
-#if defined(TTSCALE_CPU_ISA_AVX512BF16)
-// bf16 cache: the dot products run on vdpbf16ps straight from the stored bf16 queries and keys (each
-// bf16 x bf16 product is exact in fp32, accumulation in fp32), so keys are never widened; the
-// softmax scale is applied to the finished sums. 32 elements per instruction.
-template <int D>
-inline void qk_tile4_bf16dot(const bf16_t* const* q, const bf16_t* const* kp, int nk, float scale,
-                             float (*S)[kKeyChunk], PrefetchStream* pf) {
-  for (int j = 0; j < nk; j += 4) {
-    pf->step();
-    const bf16_t* k[4];
-    for (int i = 0; i < 4; ++i) k[i] = kp[j + i < nk ? j + i : nk - 1];
-    __m512 a[16];
-    for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += 32) {
-      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(k[0] + d), x1 = (__m512bh)_mm512_loadu_si512(k[1] + d);
-      const __m512bh x2 = (__m512bh)_mm512_loadu_si512(k[2] + d), x3 = (__m512bh)_mm512_loadu_si512(k[3] + d);
-      for (int r = 0; r < 4; ++r) {
-        const __m512bh y = (__m512bh)_mm512_loadu_si512(q[r] + d);
-        a[r] = _mm512_dpbf16_ps(a[r], y, x0);
-        a[4 + r] = _mm512_dpbf16_ps(a[4 + r], y, x1);
-        a[8 + r] = _mm512_dpbf16_ps(a[8 + r], y, x2);
-        a[12 + r] = _mm512_dpbf16_ps(a[12 + r], y, x3);
-      }
-    }
-    store_s4x4(reduce16(a), scale, S, j);
-  }
-}
-
-// O_r += sum_j P[r][j] v_j on vdpbf16ps for bf16 caches. The dot product runs over pairs of keys:
-// unpack{lo,hi}_epi16(v_j, v_j+1) makes 32-bit (v_j[d], v_j+1[d]) pairs and the weights are the
-// broadcast pair (p_j, p_j+1), rounded to bf16 (as flash attention does on GPUs; relative 2^-9 per
-// weight, while the normaliser l stays the fp32 sum). The unpacks work inside 128-bit lanes, so a
-// block of 32 columns comes out as "lo" = columns 8L+0..3 and "hi" = 8L+4..7 of lane L; the fp32
-// accumulators are loaded into and stored back from that order with one permute each way.
-// Pass = 64 columns: 4 rows x 2 blocks x (lo, hi) = 16 accumulators.
-template <int D>
-inline void pv_tile4_bf16dot(float* const* o, const float (*P)[kKeyChunk], const bf16_t* const* vp, int nk,
-                             PrefetchStream* pf) {
-  alignas(64) uint16_t pb[4][kKeyChunk];
-  const int nk16 = (nk + 15) / 16 * 16;  // <= ck: columns nk..ck-1 of P are exact zeros
-  for (int r = 0; r < 4; ++r)
-    for (int j = 0; j < nk16; j += 16)
-      _mm256_store_si256((__m256i*)(pb[r] + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P[r] + j)));
-  const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
-  const __m512i to_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  const __m512i from_0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i from_1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int d = 0; d < D; d += 64) {
-    __m512 c[16];  // c[4 * r + 2 * blk + (0: lo, 1: hi)]
-    for (int r = 0; r < 4; ++r)
-      for (int blk = 0; blk < 2; ++blk) {
-        const __m512 x0 = _mm512_loadu_ps(o[r] + d + 32 * blk), x1 = _mm512_loadu_ps(o[r] + d + 32 * blk + 16);
-        c[4 * r + 2 * blk] = _mm512_permutex2var_ps(x0, to_lo, x1);
-        c[4 * r + 2 * blk + 1] = _mm512_permutex2var_ps(x0, to_hi, x1);
-      }
-    for (int j = 0; j < nk; j += 2) {
-      pf->step();
-      const bf16_t* v0 = vp[j] + d;
-      const bf16_t* v1 = vp[j + 1 < nk ? j + 1 : j] + d;  // odd tail: weight p_nk is 0
-      const __m512i a0 = _mm512_loadu_si512(v0), b0 = _mm512_loadu_si512(v1);
-      const __m512i a1 = _mm512_loadu_si512(v0 + 32), b1 = _mm512_loadu_si512(v1 + 32);
-      const __m512bh l0 = (__m512bh)_mm512_unpacklo_epi16(a0, b0), h0 = (__m512bh)_mm512_unpackhi_epi16(a0, b0);
-      const __m512bh l1 = (__m512bh)_mm512_unpacklo_epi16(a1, b1), h1 = (__m512bh)_mm512_unpackhi_epi16(a1, b1);
-      for (int r = 0; r < 4; ++r) {
-        uint32_t pair;
-        __builtin_memcpy(&pair, pb[r] + j, 4);
-        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
-        c[4 * r] = _mm512_dpbf16_ps(c[4 * r], l0, w);
-        c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], h0, w);
-        c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], l1, w);
-        c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], h1, w);
-      }
-    }
-    for (int r = 0; r < 4; ++r)
-      for (int blk = 0; blk < 2; ++blk) {
-        const __m512 lo = c[4 * r + 2 * blk], hi = c[4 * r + 2 * blk + 1];
-        _mm512_storeu_ps(o[r] + d + 32 * blk, _mm512_permutex2var_ps(lo, from_0, hi));
-        _mm512_storeu_ps(o[r] + d + 32 * blk + 16, _mm512_permutex2var_ps(lo, from_1, hi));
-      }
-  }
-}
-#endif
-
-// O_r += sum_j P[r][j] v_j, 4 rows x 64 columns per pass (16 accumulators), each value vector loaded
-// (and widened) once per pass for all 4 rows.
-template <typename VT, int D>
-inline void pv_tile4(float* const* o, const float (*P)[kKeyChunk], const VT* const* vp, int nk, PrefetchStream* pf) {
-  for (int d = 0; d < D; d += 4 * W) {
-    __m512 c[16];
-    for (int r = 0; r < 4; ++r)
-      for (int u = 0; u < 4; ++u) c[4 * r + u] = _mm512_loadu_ps(o[r] + d + u * W);
-    for (int j = 0; j < nk; ++j) {
-      pf->step();
-      const VT* v = vp[j];
-      const __m512 x0 = load(v + d).v, x1 = load(v + d + W).v, x2 = load(v + d + 2 * W).v, x3 = load(v + d + 3 * W).v;
-      for (int r = 0; r < 4; ++r) {
-        const __m512 pr = _mm512_set1_ps(P[r][j]);
-        c[4 * r] = _mm512_fmadd_ps(pr, x0, c[4 * r]);
-        c[4 * r + 1] = _mm512_fmadd_ps(pr, x1, c[4 * r + 1]);
-        c[4 * r + 2] = _mm512_fmadd_ps(pr, x2, c[4 * r + 2]);
-        c[4 * r + 3] = _mm512_fmadd_ps(pr, x3, c[4 * r + 3]);
-      }
-    }
-    for (int r = 0; r < 4; ++r)
-      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(o[r] + d + u * W, c[4 * r + u]);
-  }
-}
-#endif  // TTSCALE_CPU_ISA_AVX512
+static_assert(kKeyChunk == kTileKeys, "paged chunk = tile width");
 
 template <typename T>
 inline void widen_row(const T* src, float* dst, int D) {
@@ -312,7 +31,7 @@ constexpr int kPrefetchChunks = 1;  // software prefetch distance, in chunks
 
 struct Scratch {
   float* qf;    // [rows][D] scaled queries
-  uint16_t* qb; // [rows][D] the queries as stored (bf16 caches on the vdpbf16ps path)
+  uint16_t* qb; // [rows][D] the queries as stored (2-byte dtypes: the bf16 dot path reads them)
   float* acc;   // [rows + kRowTile][D] output accumulators (+ dummy rows for partial tiles)
   float* m;     // [rows] running max
   float* l;     // [rows] running sum
@@ -483,20 +202,14 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           qrows[r] = s.qf + (t0 + (r < nr ? r : 0)) * D;
           orows[r] = r < nr ? s.acc + (t0 + r) * D : s.acc + (rows + r) * D;  // dummy rows
         }
-        if (widen) qk_tile_t<D>(qrows, s.kbuf, nk, S);
-#if defined(TTSCALE_CPU_ISA_AVX512BF16)
-        else if (std::is_same<T, bf16_t>::value) {
-          const bf16_t* qb[kRowTile];
+        if (widen) {
+          qk_tile_t<D>(qrows, s.kbuf, nk, S);
+        } else {
+          const T* qraw[kRowTile];
           for (int r = 0; r < kRowTile; ++r)
-            qb[r] = reinterpret_cast<const bf16_t*>(s.qb) + (t0 + (r < nr ? r : 0)) * D;
-          qk_tile4_bf16dot<D>(qb, reinterpret_cast<const bf16_t* const*>(kp), nk, p.scale, S, &pf);
+            qraw[r] = reinterpret_cast<const T*>(s.qb) + (t0 + (r < nr ? r : 0)) * D;
+          qk4<T, D>(qrows, qraw, kp, nk, p.scale, S, &pf);
         }
-#endif
-#if defined(TTSCALE_CPU_ISA_AVX512)
-        else qk_tile4<T, D>(qrows, kp, nk, S, &pf);
-#else
-        else qk_tile<T, D>(qrows, kp, nk, S, &pf);
-#endif
         for (int r = 0; r < kRowTile; ++r) {
           float* sr = S[r];
           if (r >= nr) {
@@ -538,15 +251,7 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           s.l[row] = os.l;
         }
         if (widen) pv_tile<float, D>(orows, S, vpf, nk, nullptr);
-#if defined(TTSCALE_CPU_ISA_AVX512BF16)
-        else if (std::is_same<T, bf16_t>::value)
-          pv_tile4_bf16dot<D>(orows, S, reinterpret_cast<const bf16_t* const*>(vp), nk, &pf);
-#endif
-#if defined(TTSCALE_CPU_ISA_AVX512)
-        else pv_tile4<T, D>(orows, S, vp, nk, &pf);
-#else
-        else pv_tile<T, D>(orows, S, vp, nk, &pf);
-#endif
+        else pv4<T, D>(orows, S, vp, nk, &pf);
       }
     }
     if (!widen) pf.drain();  // rows whose tiles were skipped (masked) still feed the next chunk

@@ -4,6 +4,7 @@
 #include "ops/sparse_paged_attention/sparse_paged_attention.h"
 #include "common/attention_math.h"
 #include "common/cpu_simd.h"
+#include "common/attention_cpu_tiles.h"
 #include "common/dispatch.h"
 
 #include <cmath>
@@ -20,16 +21,7 @@ using sparse::kKeyChunk;
 using sparse::SparseParams;
 using sparse::SummaryParams;
 
-inline void prefetch(const void* ptr) {
-#if defined(__GNUC__)
-  __builtin_prefetch(ptr, 0, 3);
-#else
-  (void)ptr;
-#endif
-}
-
 constexpr int64_t kScoreAhead = 8;   // scoring: prefetch distance in pages
-constexpr int64_t kAttendAhead = 3;  // attention: prefetch distance in kept pages
 
 // ---------------------------------------------------------------- summaries
 template <typename T>
@@ -110,49 +102,17 @@ void score(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0,
 }
 
 // ---------------------------------------------------------------- attention over kept pages
-// S[r][j] = q_r . k_j for 4 rows x nk keys, 2 keys at a time (8 accumulators).
-template <typename T, int D>
-inline void dot_tile(const float* const* q, const T* const* kp, int nk, float (*S)[kKeyChunk]) {
-  for (int j = 0; j < nk; j += 2) {
-    const T* k0 = kp[j];
-    const T* k1 = kp[j + 1 < nk ? j + 1 : j];
-    VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-    for (int d = 0; d < D; d += W) {
-      const VF x0 = load(k0 + d), x1 = load(k1 + d);
-      VF y = load(q[0] + d); a0 = fmadd(y, x0, a0); a1 = fmadd(y, x1, a1);
-      y = load(q[1] + d); a2 = fmadd(y, x0, a2); a3 = fmadd(y, x1, a3);
-      y = load(q[2] + d); a4 = fmadd(y, x0, a4); a5 = fmadd(y, x1, a5);
-      y = load(q[3] + d); a6 = fmadd(y, x0, a6); a7 = fmadd(y, x1, a7);
-    }
-    S[0][j] = hsum(a0); S[1][j] = hsum(a2); S[2][j] = hsum(a4); S[3][j] = hsum(a6);
-    if (j + 1 < nk) { S[0][j + 1] = hsum(a1); S[1][j + 1] = hsum(a3); S[2][j + 1] = hsum(a5); S[3][j + 1] = hsum(a7); }
-  }
-}
-
-// O_r += sum_j P[r][j] v_j for 4 rows, 2 vectors of D at a time.
-template <typename T, int D>
-inline void pv_tile(float* const* o, const float (*P)[kKeyChunk], const T* const* vp, int nk) {
-  for (int d = 0; d < D; d += 2 * W) {
-    VF c0 = load(o[0] + d), c1 = load(o[0] + d + W), c2 = load(o[1] + d), c3 = load(o[1] + d + W);
-    VF c4 = load(o[2] + d), c5 = load(o[2] + d + W), c6 = load(o[3] + d), c7 = load(o[3] + d + W);
-    for (int j = 0; j < nk; ++j) {
-      const VF x0 = load(vp[j] + d), x1 = load(vp[j] + d + W);
-      VF w = set1(P[0][j]); c0 = fmadd(w, x0, c0); c1 = fmadd(w, x1, c1);
-      w = set1(P[1][j]); c2 = fmadd(w, x0, c2); c3 = fmadd(w, x1, c3);
-      w = set1(P[2][j]); c4 = fmadd(w, x0, c4); c5 = fmadd(w, x1, c5);
-      w = set1(P[3][j]); c6 = fmadd(w, x0, c6); c7 = fmadd(w, x1, c7);
-    }
-    store(o[0] + d, c0); store(o[0] + d + W, c1); store(o[1] + d, c2); store(o[1] + d + W, c3);
-    store(o[2] + d, c4); store(o[2] + d + W, c5); store(o[3] + d, c6); store(o[3] + d + W, c7);
-  }
-}
-
+// One KV head's group of query rows (tiles of 4) against the kept pages' keys, in chunks of
+// kKeyChunk keys with the shared tile kernels (common/attention_cpu_tiles.h). A head's K/V rows are
+// D elements at a stride of Hkv * D behind scattered page-table jumps, which no hardware prefetcher
+// follows, so the next chunk's rows stream in through a PrefetchStream paced by the tile kernels.
 template <typename T, int D>
 void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, int64_t n, float* out, float* lse) {
+  static_assert(kKeyChunk == kTileKeys, "sparse chunk = tile width");
   const paged::PagedParams& p = s.p;
   const int64_t group = p.Hq / p.Hkv;
   const int64_t tiles = (group + 3) / 4;
-  const int64_t rows = tiles * 4;  // padded: dummy rows compute garbage that is never read
+  const int64_t rows = tiles * 4;  // padded: dummy rows alias a live one; their results are never read
   std::vector<float> qf((size_t)rows * D, 0.0f), acc((size_t)rows * D, 0.0f), m(rows, -INFINITY), l(rows, 0.0f);
   const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_t + h * group * p.q_stride_h;
   for (int64_t g = 0; g < group; ++g)
@@ -162,19 +122,61 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
   const int32_t* pages = p.kv_indices + p.kv_indptr[b];
   const int64_t np = (int64_t)p.kv_indptr[b + 1] - p.kv_indptr[b];
   const int64_t last = p.kv_last_page_len[b];
-  const T* kp[kKeyChunk];
-  const T* vp[kKeyChunk];
+  // row pointers of every kept key, in the order attended
+  std::vector<const T*> krow, vrow;
+  krow.reserve((size_t)(n * p.page_size));
+  vrow.reserve((size_t)(n * p.page_size));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t page = pages[kept[i]];
+    const int64_t ntok = sparse::page_tokens(kept[i], np, last, p.page_size);
+    for (int64_t t = 0; t < ntok; ++t) {
+      krow.push_back(kc + page * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head);
+      vrow.push_back(vc + page * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head);
+    }
+  }
+  const int64_t nkeys = (int64_t)krow.size();
+  const int64_t span = D * (int64_t)sizeof(T);
+  auto stream_rows = [&](PrefetchStream& pf, int64_t c, int calls) {
+    pf.n = (int)(nkeys - c < kKeyChunk ? (nkeys - c > 0 ? nkeys - c : 0) : kKeyChunk);
+    pf.row = 0;
+    pf.off = 0;
+    pf.span = span;
+    for (int j = 0; j < pf.n; ++j) {
+      pf.k[j] = reinterpret_cast<const char*>(krow[c + j]);
+      pf.v[j] = reinterpret_cast<const char*>(vrow[c + j]);
+    }
+    const int64_t lines = (int64_t)pf.n * ((span + 63) / 64);
+    pf.per_step = (int)((lines + calls - 1) / (calls > 0 ? calls : 1)) + 1;
+  };
+  {
+    PrefetchStream first;
+    stream_rows(first, 0, 1);
+    first.drain();
+  }
+  const float* qr[4];
+  const T* qraw[4];
+  float* orow[4];
   alignas(64) float S[4][kKeyChunk];
-  int nk = 0;
-
-  auto flush = [&]() {
+  for (int64_t c0 = 0; c0 < nkeys; c0 += kKeyChunk) {
+    const int nk = (int)(nkeys - c0 < kKeyChunk ? nkeys - c0 : kKeyChunk);
+    const int nkw = (nk + W - 1) / W * W;
+    PrefetchStream pf;
+    const int64_t pv_passes = D / (W == 16 ? 4 * W : 2 * W);
+    stream_rows(pf, c0 + kKeyChunk, (int)(tiles * ((nk + 1) / 2 + pv_passes * nk)));
     for (int64_t t = 0; t < tiles; ++t) {
-      const float* qr[4];
-      float* orow[4];
-      for (int r = 0; r < 4; ++r) { qr[r] = qf.data() + (t * 4 + r) * D; orow[r] = acc.data() + (t * 4 + r) * D; }
-      dot_tile<T, D>(qr, kp, nk, S);
+      for (int r = 0; r < 4; ++r) {
+        const int64_t g = t * 4 + r < group ? t * 4 + r : t * 4;
+        qr[r] = qf.data() + g * D;
+        qraw[r] = qb + g * p.q_stride_h;
+        orow[r] = acc.data() + (t * 4 + r) * D;
+      }
+      qk4<T, D>(qr, qraw, krow.data() + c0, nk, p.scale, S, &pf);
       for (int r = 0; r < 4; ++r) {
         float* sr = S[r];
+        if (t * 4 + r >= group) {  // dummy row: zero weights, its accumulator is scratch
+          for (int j = 0; j < nkw; ++j) sr[j] = 0.0f;
+          continue;
+        }
         float bm = -INFINITY;
         for (int j = 0; j < nk; ++j) bm = sr[j] > bm ? sr[j] : bm;
         attn::OnlineSoftmax os{m[t * 4 + r], l[t * 4 + r]};
@@ -183,7 +185,6 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
           const VF va = set1(alpha);
           for (int d = 0; d < D; d += W) store(orow[r] + d, mul(load(orow[r] + d), va));
         }
-        const int nkw = (nk + W - 1) / W * W;
         for (int j = nk; j < nkw; ++j) sr[j] = -INFINITY;  // exp -> 0
         const VF vm = set1(os.m);
         VF sum = set1(0.0f);
@@ -196,37 +197,13 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
         m[t * 4 + r] = os.m;
         l[t * 4 + r] = os.l;
       }
-      pv_tile<T, D>(orow, S, vp, nk);
+      // the bf16 PV kernel converts P in blocks of 16 columns: zero the columns past nk
+      for (int r = 0; r < 4; ++r)
+        for (int j = nkw; j < (nk + 15) / 16 * 16; ++j) S[r][j] = 0.0f;
+      pv4<T, D>(orow, S, vrow.data() + c0, nk, &pf);
     }
-    nk = 0;
-  };
-
-  // the rows of one head are D elements at a stride of Hkv * D: the hardware prefetchers follow
-  // neither that nor the page-table jumps, so the rows of the page kAttendAhead pages ahead are
-  // requested explicitly
-  auto prefetch_page = [&](int64_t i) {
-    const int64_t pg = pages[kept[i]];
-    for (int64_t t = 0; t < p.page_size; ++t) {
-      const T* kt = kc + pg * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head;
-      const T* vt = vc + pg * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head;
-      const char* kr = reinterpret_cast<const char*>(kt);
-      const char* vr = reinterpret_cast<const char*>(vt);
-      for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) { prefetch(kr + o); prefetch(vr + o); }
-    }
-  };
-  for (int64_t i = 0; i < n && i < kAttendAhead; ++i) prefetch_page(i);
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t j = kept[i];
-    const int64_t page = pages[j];
-    const int64_t ntok = sparse::page_tokens(j, np, last, p.page_size);
-    if (i + kAttendAhead < n) prefetch_page(i + kAttendAhead);
-    for (int64_t t = 0; t < ntok; ++t) {
-      kp[nk] = kc + page * p.k_stride_page + t * p.k_stride_tok + h * p.k_stride_head;
-      vp[nk] = vc + page * p.v_stride_page + t * p.v_stride_tok + h * p.v_stride_head;
-      if (++nk == kKeyChunk) flush();
-    }
+    pf.drain();
   }
-  if (nk > 0) flush();
   for (int64_t g = 0; g < group; ++g) {
     if (l[g] > 0.0f) {
       const float inv = 1.0f / l[g];
