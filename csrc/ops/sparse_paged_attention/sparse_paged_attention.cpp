@@ -250,22 +250,27 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
   if (B * Hkv < 2 * threads)
     n_split = std::max<int64_t>(1, std::min<int64_t>((2 * threads + B * Hkv - 1) / (B * Hkv), (max_kept + 7) / 8));
 
-  if (n_split == 1) {
-    // fused: one item per (b, h), no barrier between score, select and attend
+  if (B >= 2 * threads) {
+    // fused: one item per sequence, no barrier between score, select and attend. Scoring takes all
+    // KV heads of a page at once, so each page's min and max blocks ([Hkv][D] each, contiguous) are
+    // read once, in one pass over the scattered pages (per-head passes re-walked every page Hkv times).
     TT_DISPATCH_FLOAT(s.p.dtype, OT, {
       OT* out_p = static_cast<OT*>(out.data_ptr());
-      at::parallel_for(0, B * Hkv, 1, [&](int64_t i0, int64_t i1) {
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         std::vector<int32_t> cand;
         std::vector<float> o(group * D), l(group);
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t b = i / Hkv, h = i % Hkv, np = ip[b + 1] - ip[b];
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t np = ip[b + 1] - ip[b];
           float* sc = scores.data() + ip[b] * Hkv;
-          if (np > budget) K->score(s, b, h, h + 1, 0, np, sc);
-          const int64_t n = select_pages(sc, np, Hkv, h, sink_pages, local_pages, top_k_pages, sel + i * budget, cand);
-          K->attend(s, b, h, sel + i * budget, n, o.data(), l.data());
-          const int64_t row = b * Hq + h * group;
-          for (int64_t x = 0; x < group * D; ++x) store_float(out_p + row * D + x, o[x]);
-          for (int64_t g = 0; g < group; ++g) lse_p[row + g] = l[g];
+          if (np > budget) K->score(s, b, 0, Hkv, 0, np, sc);
+          for (int64_t h = 0; h < Hkv; ++h) {
+            const int64_t i = b * Hkv + h;
+            const int64_t n = select_pages(sc, np, Hkv, h, sink_pages, local_pages, top_k_pages, sel + i * budget, cand);
+            K->attend(s, b, h, sel + i * budget, n, o.data(), l.data());
+            const int64_t row = b * Hq + h * group;
+            for (int64_t x = 0; x < group * D; ++x) store_float(out_p + row * D + x, o[x]);
+            for (int64_t g = 0; g < group; ++g) lse_p[row + g] = l[g];
+          }
         }
       });
     });

@@ -64,7 +64,58 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
   }
   const T* sc = static_cast<const T*>(s.summaries);
   const int32_t* pages = p.kv_indices + p.kv_indptr[b];
-  for (int64_t j = j0; j < j1; ++j) {
+  int64_t j = j0;
+#if defined(TTSCALE_CPU_ISA_AVX512)
+  // 4 pages x 4 rows per block: 16 accumulators, per step 8 summary + 8 query loads for 32 FMAs,
+  // and one transpose-add reduction (reduce16) for the 16 bounds instead of 16 horizontal sums.
+  // Reduced lanes: 128-bit lane r holds row r's bounds of the 4 pages; the GQA group's bound of a
+  // page is the max over its rows.
+  for (; j + 4 <= j1; j += 4) {
+    for (int64_t h = h0; h < h1; ++h) {
+      // this head's min/max rows of the pages kScoreAhead ahead: a few lines per head and block,
+      // so the requests trickle out with the math instead of stalling as one burst
+      for (int pg = 0; pg < 4; ++pg)
+        if (j + pg + kScoreAhead < j1) {
+          const char* nb = reinterpret_cast<const char*>(sc + (int64_t)pages[j + pg + kScoreAhead] * s.s_stride_page);
+          for (int k = sparse::kMin; k <= sparse::kMax; ++k) {
+            const char* row = nb + (k * s.s_stride_kind + h * s.s_stride_head) * (int64_t)sizeof(T);
+            for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) prefetch(row + o);
+          }
+        }
+      const T* mn[4];
+      const T* mx[4];
+      for (int pg = 0; pg < 4; ++pg) {
+        const T* base = sc + (int64_t)pages[j + pg] * s.s_stride_page + h * s.s_stride_head;
+        mn[pg] = base + sparse::kMin * s.s_stride_kind;
+        mx[pg] = base + sparse::kMax * s.s_stride_kind;
+      }
+      __m128 best = _mm_set1_ps(-INFINITY);
+      for (int64_t g0 = 0; g0 < group; g0 += 4) {
+        const float* q[4];
+        for (int r = 0; r < 4; ++r) q[r] = qsplit.data() + (h * group + (g0 + r < group ? g0 + r : g0)) * 2 * D;
+        __m512 a[16];
+        for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += W) {
+          __m512 xl[4], xh[4];
+          for (int pg = 0; pg < 4; ++pg) { xl[pg] = load(mn[pg] + d).v; xh[pg] = load(mx[pg] + d).v; }
+          for (int r = 0; r < 4; ++r) {
+            const __m512 qp = _mm512_loadu_ps(q[r] + d), qm = _mm512_loadu_ps(q[r] + D + d);
+            for (int pg = 0; pg < 4; ++pg)
+              a[4 * pg + r] = _mm512_fmadd_ps(qm, xl[pg], _mm512_fmadd_ps(qp, xh[pg], a[4 * pg + r]));
+          }
+        }
+        const __m512 x = reduce16(a);
+        const __m128 m01 = _mm_max_ps(_mm512_castps512_ps128(x), _mm512_extractf32x4_ps(x, 1));
+        const __m128 m23 = _mm_max_ps(_mm512_extractf32x4_ps(x, 2), _mm512_extractf32x4_ps(x, 3));
+        best = _mm_max_ps(best, _mm_max_ps(m01, m23));
+      }
+      alignas(16) float v[4];
+      _mm_store_ps(v, best);
+      for (int pg = 0; pg < 4; ++pg) scores[(j + pg - j0) * Hkv + h] = v[pg];
+    }
+  }
+#endif
+  for (; j < j1; ++j) {
     const T* base = sc + (int64_t)pages[j] * s.s_stride_page;
     if (j + kScoreAhead < j1) {  // pages are scattered: prefetch the rows kScoreAhead pages ahead
       const char* nb = reinterpret_cast<const char*>(sc + (int64_t)pages[j + kScoreAhead] * s.s_stride_page);
