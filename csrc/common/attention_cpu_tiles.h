@@ -307,6 +307,99 @@ inline void pv_tile4(float* const* o, const float (*P)[kTileKeys], const VT* con
 #endif  // TTSCALE_CPU_ISA_AVX512
 
 
+#if defined(TTSCALE_CPU_ISA_AVX512BF16)
+// ---- bf16 multi-query blocks (many row tiles share a chunk: shared-prefix decode, chunked prefill)
+// on vdpbf16ps. The chunk is repacked once into "pair" layouts whose 32-bit words are the two bf16
+// values one vdpbf16ps lane multiplies:
+//   kT2[dp][j] = (k_j[2dp], k_j[2dp+1])    a raw 32-bit word of key row j (a transpose of words)
+//   vT2[jp][d] = (v_2jp[d], v_2jp+1[d])    two value rows interleaved element-wise
+// and the other operand is broadcast as a pair: (q_r[2dp], q_r[2dp+1]) or (p_r[2jp], p_r[2jp+1]).
+// Half the instructions of the fp32 GEMM tiles per flop, no widening of K/V to fp32.
+inline void pack_chunk_bf16pairs(const bf16_t* const* kp, const bf16_t* const* vp, int nk, int D, uint32_t* kT2,
+                                 uint32_t* vT2) {
+  for (int j = 0; j < nk; ++j) {
+    const uint32_t* kw = reinterpret_cast<const uint32_t*>(kp[j]);
+    for (int dp = 0; dp < D / 2; ++dp) kT2[dp * kTileKeys + j] = kw[dp];
+  }
+  // interleave pairs of value rows, 32 columns at a time: word i of the result = (a[i], b[i])
+  alignas(64) int16_t idx[32];
+  for (int i = 0; i < 16; ++i) { idx[2 * i] = (int16_t)i; idx[2 * i + 1] = (int16_t)(32 + i); }
+  const __m512i lo_idx = _mm512_load_si512(idx);
+  const __m512i hi_idx = _mm512_add_epi16(lo_idx, _mm512_set1_epi16(16));
+  for (int j = 0; j < nk; j += 2) {
+    const bf16_t* a = vp[j];
+    const bool pair = j + 1 < nk;
+    uint32_t* dst = vT2 + (j / 2) * D;
+    for (int d = 0; d < D; d += 32) {
+      const __m512i x = _mm512_loadu_si512(a + d);
+      const __m512i y = pair ? _mm512_loadu_si512(vp[j + 1] + d) : _mm512_setzero_si512();  // odd tail: v = 0
+      _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(x, lo_idx, y));
+      _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(x, hi_idx, y));
+    }
+  }
+}
+
+// S[r][j] = scale * q_r . k_j for 4 rows x 32 keys per block from kT2 (8 accumulators; per pair of
+// columns 2 key loads + 4 broadcasts for 8 vdpbf16ps). Columns past nk are garbage, masked by the caller.
+template <int D>
+inline void qk_tile_t_bf16dot(const bf16_t* const* qraw, const uint32_t* kT2, int nk, float scale,
+                              float (*S)[kTileKeys]) {
+  const uint32_t* q[4];
+  for (int r = 0; r < 4; ++r) q[r] = reinterpret_cast<const uint32_t*>(qraw[r]);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int j0 = 0; j0 < nk; j0 += 32) {
+    __m512 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm512_setzero_ps();
+    const uint32_t* kc = kT2 + j0;
+    for (int dp = 0; dp < D / 2; ++dp) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(kc + dp * kTileKeys);
+      const __m512bh x1 = (__m512bh)_mm512_loadu_si512(kc + dp * kTileKeys + 16);
+      for (int r = 0; r < 4; ++r) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)q[r][dp]);
+        a[2 * r] = _mm512_dpbf16_ps(a[2 * r], x0, w);
+        a[2 * r + 1] = _mm512_dpbf16_ps(a[2 * r + 1], x1, w);
+      }
+    }
+    for (int r = 0; r < 4; ++r) {
+      _mm512_storeu_ps(S[r] + j0, _mm512_mul_ps(a[2 * r], sc));
+      _mm512_storeu_ps(S[r] + j0 + 16, _mm512_mul_ps(a[2 * r + 1], sc));
+    }
+  }
+}
+
+// O_r += sum_j P[r][j] v_j from vT2, 4 rows x 64 columns per pass (16 accumulators; per pair of keys
+// 4 value loads + 4 broadcasts for 16 vdpbf16ps). P is rounded to bf16 (see pv_tile4_bf16dot).
+template <int D>
+inline void pv_tile_t_bf16dot(float* const* o, const float (*P)[kTileKeys], const uint32_t* vT2, int nk) {
+  alignas(64) uint16_t pb[4][kTileKeys];
+  const int nk16 = (nk + 15) / 16 * 16;  // columns nk..nk16-1 of P are exact zeros
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < nk16; j += 16)
+      _mm256_store_si256((__m256i*)(pb[r] + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P[r] + j)));
+  for (int d = 0; d < D; d += 64) {
+    __m512 c[16];
+    for (int r = 0; r < 4; ++r)
+      for (int u = 0; u < 4; ++u) c[4 * r + u] = _mm512_loadu_ps(o[r] + d + 16 * u);
+    for (int j = 0; j < nk; j += 2) {
+      const uint32_t* vr = vT2 + (j / 2) * D + d;
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(vr), x1 = (__m512bh)_mm512_loadu_si512(vr + 16);
+      const __m512bh x2 = (__m512bh)_mm512_loadu_si512(vr + 32), x3 = (__m512bh)_mm512_loadu_si512(vr + 48);
+      for (int r = 0; r < 4; ++r) {
+        uint32_t pair;
+        __builtin_memcpy(&pair, pb[r] + j, 4);
+        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
+        c[4 * r] = _mm512_dpbf16_ps(c[4 * r], x0, w);
+        c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], x1, w);
+        c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], x2, w);
+        c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], x3, w);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(o[r] + d + 16 * u, c[4 * r + u]);
+  }
+}
+#endif  // TTSCALE_CPU_ISA_AVX512BF16
+
 // ---- dispatch: the best tile kernel of this ISA for the cache dtype T
 // qf: 4 pre-scaled fp32 query rows; qraw: the same 4 rows as stored (used by the bf16 dot path,
 // which applies `scale` to the finished sums). Rows past the tile's live rows alias a live one.

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace ttscale {
 namespace cpu {
@@ -103,6 +104,9 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
 
   const int64_t n_tiles_h = (rows_h + kRowTile - 1) / kRowTile;
   const bool widen = n_tiles_h > 2;
+  // bf16 caches on avx512bf16: the widened chunk is packed into vdpbf16ps pair layouts instead
+  const bool pairs = std::is_same<T, bf16_t>::value && W == 16;
+  (void)pairs;
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const int32_t* pages = p.kv_indices + p.kv_indptr[it.b];
@@ -177,6 +181,12 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
         kp[j] = kbase[j] + hh * p.k_stride_head;
         vp[j] = vbase[j] + hh * p.v_stride_head;
       }
+#if defined(TTSCALE_CPU_ISA_AVX512BF16)
+      if (widen && pairs) {
+        pack_chunk_bf16pairs(reinterpret_cast<const bf16_t* const*>(kp), reinterpret_cast<const bf16_t* const*>(vp), nk,
+                             D, reinterpret_cast<uint32_t*>(s.kbuf), reinterpret_cast<uint32_t*>(s.vbuf));
+      } else
+#endif
       if (widen) {
         for (int j = 0; j < nk; ++j) {
           const T* kr = kp[j];
@@ -202,14 +212,16 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           qrows[r] = s.qf + (t0 + (r < nr ? r : 0)) * D;
           orows[r] = r < nr ? s.acc + (t0 + r) * D : s.acc + (rows + r) * D;  // dummy rows
         }
-        if (widen) {
-          qk_tile_t<D>(qrows, s.kbuf, nk, S);
-        } else {
-          const T* qraw[kRowTile];
-          for (int r = 0; r < kRowTile; ++r)
-            qraw[r] = reinterpret_cast<const T*>(s.qb) + (t0 + (r < nr ? r : 0)) * D;
-          qk4<T, D>(qrows, qraw, kp, nk, p.scale, S, &pf);
-        }
+        const T* qraw[kRowTile];
+        for (int r = 0; r < kRowTile; ++r) qraw[r] = reinterpret_cast<const T*>(s.qb) + (t0 + (r < nr ? r : 0)) * D;
+#if defined(TTSCALE_CPU_ISA_AVX512BF16)
+        if (widen && pairs)
+          qk_tile_t_bf16dot<D>(reinterpret_cast<const bf16_t* const*>(qraw), reinterpret_cast<const uint32_t*>(s.kbuf),
+                               nk, p.scale, S);
+        else
+#endif
+        if (widen) qk_tile_t<D>(qrows, s.kbuf, nk, S);
+        else qk4<T, D>(qrows, qraw, kp, nk, p.scale, S, &pf);
         for (int r = 0; r < kRowTile; ++r) {
           float* sr = S[r];
           if (r >= nr) {
@@ -250,6 +262,10 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           s.m[row] = os.m;
           s.l[row] = os.l;
         }
+#if defined(TTSCALE_CPU_ISA_AVX512BF16)
+        if (widen && pairs) pv_tile_t_bf16dot<D>(orows, S, reinterpret_cast<const uint32_t*>(s.vbuf), nk);
+        else
+#endif
         if (widen) pv_tile<float, D>(orows, S, vpf, nk, nullptr);
         else pv4<T, D>(orows, S, vp, nk, &pf);
       }
