@@ -57,10 +57,19 @@ struct PrefetchStream {
   int64_t span = 0, off = 0;
   int per_step = 1;  // lines of K (and of V) per step()
   inline void step() {
-    for (int i = 0; i < per_step && row < n; ++i) {
-      prefetch(k[row] + off);
-      prefetch(v[row] + off);
-      off += 64;
+    int left = per_step;
+    while (left > 0 && row < n) {
+      // the rest of this row in one tight loop: per line pair two prefetches and a pointer bump
+      const char* kr = k[row] + off;
+      const char* vr = v[row] + off;
+      const int64_t avail = (span - off + 63) >> 6;
+      const int take = left < avail ? left : (int)avail;
+      for (int i = 0; i < take; ++i) {
+        prefetch(kr + 64 * i);
+        prefetch(vr + 64 * i);
+      }
+      left -= take;
+      off += 64 * (int64_t)take;
       if (off >= span) { off = 0; ++row; }
     }
   }
