@@ -114,53 +114,69 @@ std::tuple<Tensor, Tensor> paged_attention_cpu(const Tensor& q, const Tensor& k_
     n_split = std::min<int64_t>((4 * threads + n_base - 1) / n_base, (longest + kMinSplitKeys - 1) / kMinSplitKeys);
     n_split = std::max<int64_t>(n_split, 1);
   }
-  // partial buffers: [n_split][T * Hq][D] (row = t * Hq + hq)
-  Tensor part = at::empty({n_split, T * Hq, D}, q.options().dtype(at::kFloat));
-  Tensor part_lse = at::empty({n_split, T * Hq}, q.options().dtype(at::kFloat));
-  float* part_p = part.data_ptr<float>();
-  float* part_l = part_lse.data_ptr<float>();
+  // partial buffers [n_split][T * Hq][D] (row = t * Hq + hq), only when keys are split: without a
+  // split each item's normalised rows go straight to out (a per-call buffer of the whole output
+  // cost a fresh mmap + page faults on every decode step, and two extra copies)
+  Tensor part, part_lse;
+  float* part_p = nullptr;
+  float* part_l = nullptr;
+  if (n_split > 1) {
+    part = at::empty({n_split, T * Hq, D}, q.options().dtype(at::kFloat));
+    part_lse = at::empty({n_split, T * Hq}, q.options().dtype(at::kFloat));
+    part_p = part.data_ptr<float>();
+    part_l = part_lse.data_ptr<float>();
+  }
+  float* lse_p = lse.data_ptr<float>();
   const CpuKernels* K = TT_CPU_SELECT(paged_kernels);
   const int64_t n_items = n_base * n_split;
   double macs = 0.0;  // q.k and p.v multiply-adds of the whole call (work of small decodes stays inline)
   for (const Base& x : base) macs += 2.0 * (double)((x.q1 - x.q0) * Hq) * (double)(x.k1 - x.k0) * (double)D;
-  at::parallel_for(0, n_items, grain_for_total(n_items, macs, kMinParallelMacs), [&](int64_t begin, int64_t end) {
-    std::vector<char> scratch;
-    std::vector<float> tmp_o, tmp_l;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t s = i % n_split;
-      const int64_t hg = (i / n_split) % n_hgroups;
-      const Base& x = base[i / (n_split * n_hgroups)];
-      const int64_t h0 = hg * hpi, h1 = std::min(Hkv, h0 + hpi);
-      const int64_t len = x.k1 - x.k0;
-      // split boundaries rounded to whole chunks of keys
-      int64_t per = (len + n_split - 1) / n_split;
-      per = (per + kKeyChunk - 1) / kKeyChunk * kKeyChunk;
-      PagedItem it{x.b, h0, h1, x.q0, x.q1, std::min(x.k1, x.k0 + s * per), std::min(x.k1, x.k0 + (s + 1) * per)};
-      const int64_t nq = x.q1 - x.q0;
-      const int64_t rows = (h1 - h0) * nq * group;
-      const size_t need = (size_t)K->attend_scratch_bytes(rows, D);
-      if (scratch.size() < need) scratch.resize(need);
-      tmp_o.resize(rows * D);
-      tmp_l.resize(rows);
-      K->attend(p, it, tmp_o.data(), tmp_l.data(), scratch.data());
-      // scatter rows (h, t, g) -> partial row t * Hq + h * group + g
-      for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t t = x.q0; t < x.q1; ++t) {
-          const int64_t r0 = (h - h0) * nq * group + (t - x.q0) * group;
-          const int64_t dst = s * T * Hq + t * Hq + h * group;
-          std::memcpy(part_p + dst * D, tmp_o.data() + r0 * D, sizeof(float) * group * D);
-          std::memcpy(part_l + dst, tmp_l.data() + r0, sizeof(float) * group);
-        }
-      }
-    }
-  });
-  float* lse_p = lse.data_ptr<float>();
   TT_DISPATCH_FLOAT(p.dtype, OT, {
     OT* out_p = static_cast<OT*>(out.data_ptr());
-    at::parallel_for(0, T, grain_for(T, (double)(n_split * Hq * D), kMinParallelElems), [&](int64_t b0, int64_t b1) {
-      finalize_rows<OT>(part_p + b0 * Hq * D, part_l + b0 * Hq, n_split, T * Hq, (b1 - b0) * Hq, D,
-                        out_p + b0 * Hq * D, lse_p + b0 * Hq);
+    at::parallel_for(0, n_items, grain_for_total(n_items, macs, kMinParallelMacs), [&](int64_t begin, int64_t end) {
+      std::vector<char> scratch;
+      std::vector<float> tmp_o, tmp_l;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = i % n_split;
+        const int64_t hg = (i / n_split) % n_hgroups;
+        const Base& x = base[i / (n_split * n_hgroups)];
+        const int64_t h0 = hg * hpi, h1 = std::min(Hkv, h0 + hpi);
+        const int64_t len = x.k1 - x.k0;
+        // split boundaries rounded to whole chunks of keys
+        int64_t per = (len + n_split - 1) / n_split;
+        per = (per + kKeyChunk - 1) / kKeyChunk * kKeyChunk;
+        PagedItem it{x.b, h0, h1, x.q0, x.q1, std::min(x.k1, x.k0 + s * per), std::min(x.k1, x.k0 + (s + 1) * per)};
+        const int64_t nq = x.q1 - x.q0;
+        const int64_t rows = (h1 - h0) * nq * group;
+        const size_t need = (size_t)K->attend_scratch_bytes(rows, D);
+        if (scratch.size() < need) scratch.resize(need);
+        tmp_o.resize(rows * D);
+        tmp_l.resize(rows);
+        K->attend(p, it, tmp_o.data(), tmp_l.data(), scratch.data());
+        // scatter rows (h, t, g) -> output row t * Hq + h * group + g (of the split's partial)
+        for (int64_t h = h0; h < h1; ++h) {
+          for (int64_t t = x.q0; t < x.q1; ++t) {
+            const int64_t r0 = (h - h0) * nq * group + (t - x.q0) * group;
+            const int64_t dst = t * Hq + h * group;
+            if (n_split > 1) {
+              std::memcpy(part_p + (s * T * Hq + dst) * D, tmp_o.data() + r0 * D, sizeof(float) * group * D);
+              std::memcpy(part_l + s * T * Hq + dst, tmp_l.data() + r0, sizeof(float) * group);
+            } else {
+              const float* src = tmp_o.data() + r0 * D;
+              OT* o = out_p + dst * D;
+              for (int64_t e = 0; e < group * D; ++e) store_float(o + e, src[e]);
+              std::memcpy(lse_p + dst, tmp_l.data() + r0, sizeof(float) * group);
+            }
+          }
+        }
+      }
     });
+    if (n_split > 1) {
+      at::parallel_for(0, T, grain_for(T, (double)(n_split * Hq * D), kMinParallelElems), [&](int64_t b0, int64_t b1) {
+        finalize_rows<OT>(part_p + b0 * Hq * D, part_l + b0 * Hq, n_split, T * Hq, (b1 - b0) * Hq, D,
+                          out_p + b0 * Hq * D, lse_p + b0 * Hq);
+      });
+    }
   });
   return {out, lse};
 }
