@@ -35,7 +35,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="build information (version, torch, CUDA archs, CPU SIMD path)").set_defaults(fn=_info)
     b = sub.add_parser("bench", help="time ttscale kernels against torch baselines (ttscale bench SUITE --help)")
-    b.add_argument("suite", help="sampling, attention, attention_prefill, attention_decode, quant, search")
+    from ttscale.bench import SUITES  # a plain dict: importing it loads no kernels
+
+    b.add_argument("suite", help=", ".join(SUITES))
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)
     d = sub.add_parser("demo", help="test-time scaling curves: accuracy vs compute per search strategy (ttscale demo --help)")
