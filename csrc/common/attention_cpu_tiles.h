@@ -23,7 +23,7 @@ namespace {
 
 constexpr int kTileKeys = 64;  // columns of a score tile S[4][kTileKeys]
 
-// ---- horizontal sums of 8 accumulators: out[i] = hsum(a_i) (extra SIMD helper of this op)
+// ---- horizontal sums of 8 accumulators: out[i] = hsum(a_i) (AVX2 / generic 2-key tiles)
 inline void hsum8(VF a0, VF a1, VF a2, VF a3, VF a4, VF a5, VF a6, VF a7, float* out) {
 #if defined(TTSCALE_CPU_ISA_AVX2)
   const __m256 t0 = _mm256_hadd_ps(a0.v, a1.v), t1 = _mm256_hadd_ps(a2.v, a3.v);
@@ -36,6 +36,8 @@ inline void hsum8(VF a0, VF a1, VF a2, VF a3, VF a4, VF a5, VF a6, VF a7, float*
 #endif
 }
 
+// Prefetch into L2 (prefetcht2): a chunk of K+V is ~128 KiB, more than L1 holds, and the kernels'
+// own loads pull each line from L2 to L1 when it is used.
 inline void prefetch(const void* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p, 0, 1);
