@@ -66,6 +66,7 @@ struct PrefetchStream {
       const char* vr = v[row] + off;
       const int64_t avail = (span - off + 63) >> 6;
       const int take = left < avail ? left : (int)avail;
+      if (take <= 0) { off = 0; ++row; continue; }  // empty row: drain() must always make progress
       for (int i = 0; i < take; ++i) {
         prefetch(kr + 64 * i);
         prefetch(vr + 64 * i);
