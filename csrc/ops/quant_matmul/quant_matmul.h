@@ -34,9 +34,10 @@
 //   M > kGemvMaxM (GEMM): a tile of kKTile features of the block is dequantised once into an fp32
 //     buffer [kKTile][16] ((q - z) * s) and reused by every row of x (register tiles of 8 rows x 1
 //     vector on AVX-512, 6 rows x 2 vectors on AVX2).
-//   Status: the generic and AVX2 kernels are tested (tests/ops/test_quant_matmul.py, cpu_isa
-//   fixture); the AVX-512 kernel is built but has not yet run on AVX-512 hardware (the fixture
-//   covers it automatically on such a machine).
+//   These fp32 kernels serve every activation dtype on generic / AVX2 / AVX-512, and fp32
+//   activations on avx512bf16; bf16 / fp16 activations on avx512bf16 take the vdpbf16ps path
+//   (DpArgs below). All four ISA paths are tested on a Zen 5 (tests/ops/test_quant_matmul.py,
+//   cpu_isa fixture).
 //   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
 //   the machine does not hold up the rest.
 //
@@ -103,10 +104,13 @@ struct BlockArgs {
 // (C = G for G <= 256, else 256; every chunk lies in one group, only the last chunk of K can be
 // odd) and per chunk and row acc = sum_k c[n,k] x[m,k] (fp32, vdpbf16ps on feature pairs), then
 //   y[m,n] += s[n,g] * (acc - (z[n,g] + off) * xsum[m,chunk])
-// with xsum the chunk sum of the bf16 x values (host, fp32). A tile of kDpKTile features of the
-// super-block is dequantised once into `tile` as [pair][nr][32 bf16] (64-byte vectors: element
-// 2i + e = row i, feature 2p + e) and reused by every row of x (register tiles of up to 8 rows x
-// nr vectors).
+// with xsum the chunk sum of the bf16 x values (host, fp32). Mt <= 4 (decode): the codes are
+// unpacked in registers and used at once (a streaming GEMV). Mt > 4: a tile of kDpKTile features
+// of the super-block is dequantised once into `tile` as [pair][nr][32 bf16] (64-byte vectors:
+// element 2i + e = row i, feature 2p + e) and reused by every row of x (register tiles of 8 rows
+// x nr vectors, 16 accumulators). Rounding: none beyond fp32 accumulation (every product is
+// exact); the offset adds off * |x| to the magnitudes being summed, which for 4 bits (off = 16)
+// is of the order of the q + z the test bound already allows for.
 constexpr int64_t kDpKTile = 512;  // features per dequantised tile (16 KiB for nr = 2)
 constexpr int kDpMaxNr = 2;
 inline float dp_code_offset(int bits) { return bits == 4 ? 16.0f : 0.0f; }

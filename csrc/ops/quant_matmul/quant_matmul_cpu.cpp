@@ -322,12 +322,16 @@ void dp_chunk(const DpArgs& a, const __m512i* tile, int64_t np, const uint32_t* 
   for (int u = 1; u < U; ++u)
     for (int m = 0; m < MR; ++m)
       for (int r = 0; r < NR; ++r) acc[0][m][r] = _mm512_add_ps(acc[0][m][r], acc[u][m][r]);
-  for (int r = 0; r < NR; ++r) {
-    const __m512 sv = _mm512_loadu_ps(s + r * 16), zv = _mm512_loadu_ps(zc + r * 16);
-    for (int m = 0; m < MR; ++m) {
+  // rows outer, scales/zeros of all NR vectors held in registers: the accumulators are consumed
+  // in place (the other order made the compiler spill all of them around the loop)
+  __m512 sv[NR], zv[NR];
+  for (int r = 0; r < NR; ++r) sv[r] = _mm512_loadu_ps(s + r * 16), zv[r] = _mm512_loadu_ps(zc + r * 16);
+  for (int m = 0; m < MR; ++m) {
+    const __m512 xs = _mm512_set1_ps(a.xsum[(m0 + m) * a.nc + c]);
+    for (int r = 0; r < NR; ++r) {
       float* yp = a.y + (m0 + m) * 16 * NR + r * 16;
-      const __m512 t = _mm512_fnmadd_ps(zv, _mm512_set1_ps(a.xsum[(m0 + m) * a.nc + c]), acc[0][m][r]);
-      _mm512_storeu_ps(yp, _mm512_fmadd_ps(sv, t, _mm512_loadu_ps(yp)));
+      const __m512 t = _mm512_fnmadd_ps(zv[r], xs, acc[0][m][r]);
+      _mm512_storeu_ps(yp, _mm512_fmadd_ps(sv[r], t, _mm512_loadu_ps(yp)));
     }
   }
 }
