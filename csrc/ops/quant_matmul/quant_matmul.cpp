@@ -171,7 +171,8 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
 
   const CpuKernels* kern = TT_CPU_SELECT(quant_matmul_kernels);
-  if (kern->dp_block && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf)) {
+  if (kern->dp_block && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+      dp_use((int)bits, M * (x.scalar_type() == at::kHalf ? 2 : 1))) {
     Tensor y = quant_matmul_dp(kern, x.reshape({M, K}), packed, scales, zeros, bits, G, N);
     if (bias) y.add_(bias->to(at::kFloat));
     return y.to(x.scalar_type()).view(out_shape);

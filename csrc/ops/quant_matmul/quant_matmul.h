@@ -113,6 +113,12 @@ struct BlockArgs {
 // is of the order of the q + z the test bound already allows for.
 constexpr int64_t kDpKTile = 512;  // features per dequantised tile (16 KiB for nr = 2)
 constexpr int kDpMaxNr = 2;
+constexpr int64_t kDpDirectMaxM = 4;  // Mt <= this: streaming GEMV without a tile
+// Whether the vdpbf16ps path is used (given bf16 / fp16 x on avx512bf16) for Mt = M * terms rows.
+// Decode of 2, 3 and 8 bits stays on the fp32 GEMV: their codes are converted through fp32 either
+// way (no single-op bf16 unpack), which costs more vector ops per weight than the fp32 FMA saved,
+// while with > kDpDirectMaxM rows the dequantised tile amortises it over the rows.
+inline bool dp_use(int bits, int64_t Mt) { return bits == 4 || Mt > kDpDirectMaxM; }
 inline float dp_code_offset(int bits) { return bits == 4 ? 16.0f : 0.0f; }
 inline int64_t dp_chunk(int64_t K, int64_t G) { return G <= 256 ? G : (K < 256 ? K : 256); }
 

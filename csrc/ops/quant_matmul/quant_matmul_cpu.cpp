@@ -237,6 +237,7 @@ void gemm_block(const BlockArgs& a) {
 // ------------------------------------------------------------ vdpbf16ps path (quant_matmul.h)
 using quant_matmul::DpArgs;
 using quant_matmul::kDpKTile;
+using quant_matmul::kDpDirectMaxM;
 
 // Generic pair (any bit width, tails): records k0 and k1 unpacked to fp32 (exact), + off, rounded
 // to bf16 (exact: < 256) and interleaved so that element 2i + e is row i of record k_e.
@@ -368,7 +369,6 @@ void dp_rows(const DpArgs& a, const __m512i* tile, int64_t kt, int64_t kn, int64
 // (the tile would add a store and a reload per pair vector, more than the few rows of work).
 // A = independent accumulators per (row, vector): the 4 pair vectors of 8 features go to
 // A different chains, so MR * NR * A >= 8 chains hide the vdpbf16ps latency.
-constexpr int64_t kDpDirectMaxM = 4;
 // Bytes ahead in each block's code stream: a 4 KiB page (the hardware prefetcher stops at page
 // boundaries); measured on a 2-core Zen 5: no prefetch 15-18 GB/s on one core, 1 KiB no better,
 // 4-16 KiB 19-21 GB/s.
