@@ -137,14 +137,9 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
     for (int64_t sb = sb0; sb < sb1; ++sb) {
       const int64_t b0 = 2 * sb, nr = std::min<int64_t>(2, nb - b0), n0 = b0 * kNB;
       const int64_t nv = std::min<int64_t>(N - n0, nr * kNB);  // valid rows of this super-block
-      for (int64_t l = 0; l < nr * kNB; ++l) {
-        const int64_t n = n0 + (l < nv ? l : nv - 1);  // padded rows reuse a valid row (never written)
-        for (int64_t g = 0; g < ng; ++g) {
-          sbuf[g * nr * kNB + l] = sp[n * ng + g];
-          zbuf[g * nr * kNB + l] = (zp ? (float)zp[n * ng + g] : zsym) + off;
-        }
-      }
       DpArgs a;
+      a.s_rows = sp + n0 * ng; a.z_rows = zp ? zp + n0 * ng : nullptr; a.ng = ng; a.nv = nv;
+      a.zsym_off = zsym + off; a.off = off;
       a.x = xp; a.ldx = ldxb; a.xsum = xsp; a.nc = nc;
       for (int64_t r = 0; r < nr; ++r) a.codes[r] = cp + (b0 + r) * K * rec;
       a.s = sbuf.data(); a.zc = zbuf.data(); a.y = ybuf.data(); a.tile = tile;

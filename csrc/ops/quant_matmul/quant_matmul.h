@@ -128,8 +128,12 @@ struct DpArgs {
   const float* xsum;                // [Mt, nc] chunk sums of x
   int64_t nc;
   const uint8_t* codes[kDpMaxNr];   // [K, 2*bits] records of each block
-  const float* s;                   // [K/G, 16*nr] scales (lane = row, identity order)
-  const float* zc;                  // [K/G, 16*nr] z + dp_code_offset(bits)
+  const float* s_rows;              // [nv, ng] scales of this super-block's rows (logical layout)
+  const uint8_t* z_rows;            // [nv, ng] zeros, or nullptr (symmetric: zsym_off for all)
+  int64_t ng, nv;                   // groups per row, valid rows (<= 16*nr; padded rows repeat the last)
+  float zsym_off, off;              // 2^(bits-1) + off, off = dp_code_offset(bits)
+  float* s;                         // scratch [K/G, 16*nr]: the kernel gathers scales (lane = row)
+  float* zc;                        // scratch [K/G, 16*nr]: z + off
   float* y;                         // [Mt, 16*nr] output (overwritten)
   void* tile;                       // scratch: kDpKTile/2 * nr * 64 bytes, 64-byte aligned
   int64_t Mt, K, G, C;

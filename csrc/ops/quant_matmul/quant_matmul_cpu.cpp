@@ -431,10 +431,70 @@ void dp_direct(const DpArgs& a, const Dp4Idx& ix) {
   }
 }
 
+// 16 x 16 fp32 transpose in registers: r[i][j] -> r[j][i]. unpacklo/hi pair rows, shuffle_ps
+// makes 4 x 4 blocks inside each 128-bit lane (u[4a+b] = rows 4a..4a+3 of columns b, b+4, b+8,
+// b+12 in its four lanes), and two rounds of shuffle_f32x4 gather the lanes of one column.
+inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int b = 0; b < 4; ++b) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[b], u[4 + b], 0x88), w0 = _mm512_shuffle_f32x4(u[8 + b], u[12 + b], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[b], u[4 + b], 0xDD), w1 = _mm512_shuffle_f32x4(u[8 + b], u[12 + b], 0xDD);
+    r[b] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[b + 8] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[b + 4] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[b + 12] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// Scales and zeros (+ off) of the super-block's rows, from the logical [row][g] layout to
+// [g][16 * NR] lanes: 16 rows x 16 groups per register transpose (contiguous loads; a scalar
+// loop or AVX-512 gathers cost ~2 us per super-block, a third of a decode step's work on it).
+template <int NR>
+void dp_gather_scales(const DpArgs& a) {
+  const int64_t L = 16 * NR;
+  const __m512 offv = _mm512_set1_ps(a.off);
+  for (int r = 0; r < NR; ++r) {
+    const float* srow[16];
+    const uint8_t* zrow[16];
+    for (int l = 0; l < 16; ++l) {
+      const int64_t row = r * 16 + l < a.nv ? r * 16 + l : a.nv - 1;  // padded rows: never written
+      srow[l] = a.s_rows + row * a.ng;
+      zrow[l] = a.z_rows ? a.z_rows + row * a.ng : nullptr;
+    }
+    for (int64_t g0 = 0; g0 < a.ng; g0 += 16) {
+      const int64_t gn = a.ng - g0 < 16 ? a.ng - g0 : 16;
+      const __mmask16 km = (__mmask16)((1u << gn) - 1u);
+      __m512 v[16];
+      for (int l = 0; l < 16; ++l) v[l] = _mm512_maskz_loadu_ps(km, srow[l] + g0);
+      transpose16(v);
+      for (int64_t j = 0; j < gn; ++j) _mm512_storeu_ps(a.s + (g0 + j) * L + r * 16, v[j]);
+      if (a.z_rows) {
+        for (int l = 0; l < 16; ++l)
+          v[l] = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(km, zrow[l] + g0))), offv);
+        transpose16(v);
+        for (int64_t j = 0; j < gn; ++j) _mm512_storeu_ps(a.zc + (g0 + j) * L + r * 16, v[j]);
+      } else {
+        for (int64_t j = 0; j < gn; ++j) _mm512_storeu_ps(a.zc + (g0 + j) * L + r * 16, _mm512_set1_ps(a.zsym_off));
+      }
+    }
+  }
+}
+
 template <int B, int NR>
 void dp_b(const DpArgs& a) {
   static const Dp4Idx ix;
   __m512i* tile = (__m512i*)a.tile;
+  dp_gather_scales<NR>(a);
   for (int64_t i = 0; i < a.Mt * 16 * NR; ++i) a.y[i] = 0.0f;
   if (a.Mt <= kDpDirectMaxM) {
     switch (a.Mt) {
