@@ -101,19 +101,51 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
   const int64_t M = x2.size(0), K = x2.size(1), ng = K / G, nb = packed.size(0);
   const int64_t T = x2.scalar_type() == at::kHalf ? 2 : 1, Mt = M * T;
   const int64_t C = dp_chunk(K, G), nc = (K + C - 1) / C;
-  Tensor xt;
-  if (T == 1) {
-    xt = x2;
+  // x terms as bf16 [Mt, Kp] (zero-padded to whole chunks and an even length, for the pair view)
+  // and their chunk sums [Mt, nc]. A decode step's x is tiny: a plain loop here avoids the ~5
+  // torch ops (each a parallel region: ~5-10 us, and a whole time slice when the other core is
+  // busy); larger x goes through vectorised torch ops.
+  const int64_t Kp = (nc * C + 1) / 2 * 2, ldxb = Kp / 2;
+  Tensor xb, xsum;
+  if (Mt * K <= (1 << 16)) {
+    xb = at::zeros({Mt, Kp}, x2.options().dtype(at::kShort));
+    xsum = at::empty({Mt, nc}, x2.options().dtype(at::kFloat));
+    const Tensor xc = x2.contiguous();
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+    uint16_t* dst = reinterpret_cast<uint16_t*>(xb.data_ptr());
+    float* xs = xsum.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < nc; ++c) {
+        float acc[2] = {0.0f, 0.0f};
+        for (int64_t k = c * C; k < std::min(K, (c + 1) * C); ++k) {
+          const uint16_t v = src[m * K + k];
+          if (T == 1) {
+            dst[m * Kp + k] = v;
+            acc[0] += bf16_bits_to_float(v);
+          } else {  // fp16 = hi + lo exactly (module comment)
+            const float f = half_bits_to_float(v);
+            const uint16_t hi = float_to_bf16_bits(f), lo = float_to_bf16_bits(f - bf16_bits_to_float(hi));
+            dst[(2 * m) * Kp + k] = hi;
+            dst[(2 * m + 1) * Kp + k] = lo;
+            acc[0] += bf16_bits_to_float(hi);
+            acc[1] += bf16_bits_to_float(lo);
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) xs[(m * T + t) * nc + c] = acc[t];
+      }
   } else {
-    const Tensor hi = x2.to(at::kBFloat16);
-    const Tensor lo = (x2.to(at::kFloat) - hi.to(at::kFloat)).to(at::kBFloat16);
-    xt = at::stack({hi, lo}, 1).reshape({Mt, K});
+    Tensor xt;
+    if (T == 1) {
+      xt = x2;
+    } else {
+      const Tensor hi = x2.to(at::kBFloat16);
+      const Tensor lo = (x2.to(at::kFloat) - hi.to(at::kFloat)).to(at::kBFloat16);
+      xt = at::stack({hi, lo}, 1).reshape({Mt, K});
+    }
+    const Tensor xpad = at::constant_pad_nd(xt, {0, nc * C - K}, 0).contiguous();
+    xsum = xpad.to(at::kFloat).view({Mt, nc, C}).sum(-1).contiguous();
+    xb = Kp == nc * C ? xpad : at::constant_pad_nd(xpad, {0, 1}, 0).contiguous();
   }
-  // zero-padded to nc * C features: the pair view needs an even length, the chunk sums whole chunks
-  const Tensor xpad = at::constant_pad_nd(xt, {0, nc * C - K}, 0).contiguous();
-  const Tensor xsum = xpad.to(at::kFloat).view({Mt, nc, C}).sum(-1).contiguous();
-  const Tensor xb = (nc * C) % 2 == 0 ? xpad : at::constant_pad_nd(xpad, {0, 1}, 0).contiguous();
-  const int64_t ldxb = xb.size(1) / 2;
 
   const Tensor sf = scales.to(at::kFloat).contiguous();
   const Tensor zf = zeros ? zeros->contiguous() : Tensor();
