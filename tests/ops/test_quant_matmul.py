@@ -166,6 +166,30 @@ def test_quant_matmul_dtypes_bias(cpu_isa, dtype, m):
     _check_matmul(x, qw, bias=bias)
 
 
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quant_matmul_half_activations(cpu_isa, bits, group_size, dtype):
+    """bf16 / fp16 x (on avx512bf16: the vdpbf16ps path, fp16 split into two exact bf16 terms) for
+    every bit width and group size, asymmetric and symmetric, odd M, K = 1152 (several dequantised
+    tiles of 512 features, a partial last one) and N = 48 (a last super-block of one 16-row block)."""
+    for sym in (False, True):
+        qw = quantize(_weight(48, 1152), bits=bits, group_size=group_size, symmetric=sym)
+        for m in (1, 3, 9, 17, 64):
+            _check_matmul(torch.randn(m, 1152).to(dtype), qw)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quant_matmul_odd_k(cpu_isa, bits, dtype):
+    """Per-channel groups with K odd or not a multiple of 8 (feature-pair and 8-feature tails, the
+    last chunk of 256 features partial) and N = 1, 17, 33 (partial blocks / super-blocks)."""
+    for n, k in ((1, 17), (17, 36), (33, 301), (20, 600), (16, 257)):
+        qw = quantize(_weight(n, k), bits=bits, group_size=-1)
+        for m in (1, 4, 11):
+            _check_matmul(torch.randn(m, k).to(dtype), qw)
+
+
 def test_quant_matmul_shapes(cpu_isa):
     qw = quantize(_weight(1, 64), bits=3, group_size=32)  # one output row
     _check_matmul(torch.randn(5, 64), qw)

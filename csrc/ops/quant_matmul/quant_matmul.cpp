@@ -74,6 +74,123 @@ Shape validate(const Tensor& x, const Tensor& packed, const Tensor& scales, cons
   return s;
 }
 
+// Threads over blocks (common to both CPU paths): `body(b0, b1)` for ranges of work units taken
+// `chunk` at a time from a shared counter, so a thread slowed down by other load on the machine does
+// not hold up the others (static halves did). Small products (a small model's decode step) stay on
+// the calling thread (common/parallel.h).
+template <class F>
+void for_blocks(int64_t units, double macs, const F& body) {
+  const bool small = macs < 2.0 * kMinParallelMacs;
+  const int64_t nthreads = small ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
+  // small grabs (one super-block of a 4096-row weight): a thread preempted by another process
+  // holds back at most one unit's work (~5 us at M = 1), and an atomic add per unit costs nothing
+  const int64_t chunk = std::max<int64_t>(1, units / (nthreads * 64));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t b0 = next.fetch_add(chunk);
+      if (b0 >= units) break;
+      body(b0, std::min(b0 + chunk, units));
+    }
+  });
+}
+
+// avx512bf16 path for bf16 / fp16 x (quant_matmul.h, DpArgs): x as exact bf16 terms (bf16: x
+// itself; fp16: hi = bf16(x), lo = bf16(x - hi), exact since fp16 has 11 significant bits), each
+// term a row of the kernel's input; chunk sums of the terms; super-blocks of two 16-row blocks.
+Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& packed, const Tensor& scales,
+                       const c10::optional<Tensor>& zeros, int64_t bits, int64_t G, int64_t N) {
+  const int64_t M = x2.size(0), K = x2.size(1), ng = K / G, nb = packed.size(0);
+  const int64_t T = x2.scalar_type() == at::kHalf ? 2 : 1, Mt = M * T;
+  const int64_t C = dp_chunk(K, G), nc = (K + C - 1) / C;
+  // x terms as bf16 [Mt, Kp] (zero-padded to whole chunks and an even length, for the pair view)
+  // and their chunk sums [Mt, nc]. A decode step's x is tiny: a plain loop here avoids the ~5
+  // torch ops (each a parallel region: ~5-10 us, and a whole time slice when the other core is
+  // busy); larger x goes through vectorised torch ops.
+  const int64_t Kp = (nc * C + 1) / 2 * 2, ldxb = Kp / 2;
+  Tensor xb, xsum;
+  if (Mt * K <= (1 << 16)) {
+    xb = at::zeros({Mt, Kp}, x2.options().dtype(at::kShort));
+    xsum = at::empty({Mt, nc}, x2.options().dtype(at::kFloat));
+    const Tensor xc = x2.contiguous();
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+    uint16_t* dst = reinterpret_cast<uint16_t*>(xb.data_ptr());
+    float* xs = xsum.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = 0; c < nc; ++c) {
+        float acc[2] = {0.0f, 0.0f};
+        for (int64_t k = c * C; k < std::min(K, (c + 1) * C); ++k) {
+          const uint16_t v = src[m * K + k];
+          if (T == 1) {
+            dst[m * Kp + k] = v;
+            acc[0] += bf16_bits_to_float(v);
+          } else {  // fp16 = hi + lo exactly (module comment)
+            const float f = half_bits_to_float(v);
+            const uint16_t hi = float_to_bf16_bits(f), lo = float_to_bf16_bits(f - bf16_bits_to_float(hi));
+            dst[(2 * m) * Kp + k] = hi;
+            dst[(2 * m + 1) * Kp + k] = lo;
+            acc[0] += bf16_bits_to_float(hi);
+            acc[1] += bf16_bits_to_float(lo);
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) xs[(m * T + t) * nc + c] = acc[t];
+      }
+  } else {
+    Tensor xt;
+    if (T == 1) {
+      xt = x2;
+    } else {
+      const Tensor hi = x2.to(at::kBFloat16);
+      const Tensor lo = (x2.to(at::kFloat) - hi.to(at::kFloat)).to(at::kBFloat16);
+      xt = at::stack({hi, lo}, 1).reshape({Mt, K});
+    }
+    const Tensor xpad = at::constant_pad_nd(xt, {0, nc * C - K}, 0).contiguous();
+    xsum = xpad.to(at::kFloat).view({Mt, nc, C}).sum(-1).contiguous();
+    xb = Kp == nc * C ? xpad : at::constant_pad_nd(xpad, {0, 1}, 0).contiguous();
+  }
+
+  const Tensor sf = scales.to(at::kFloat).contiguous();
+  const Tensor zf = zeros ? zeros->contiguous() : Tensor();
+  Tensor y = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  const uint32_t* xp = reinterpret_cast<const uint32_t*>(xb.data_ptr());
+  const float* xsp = xsum.data_ptr<float>();
+  const uint8_t* cp = packed.data_ptr<uint8_t>();
+  const float* sp = sf.data_ptr<float>();
+  const uint8_t* zp = zeros ? zf.data_ptr<uint8_t>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const float off = dp_code_offset((int)bits);
+  const float zsym = (float)(1 << (bits - 1));
+  const int64_t rec = 2 * bits, nsb = (nb + 1) / 2, L = kNB * kDpMaxNr;
+
+  for_blocks(nsb, (double)M * (double)N * (double)K, [&](int64_t sb0, int64_t sb1) {
+    thread_local std::vector<float> sbuf, zbuf, ybuf;
+    thread_local std::vector<uint8_t> tile_raw;
+    sbuf.resize(ng * L); zbuf.resize(ng * L); ybuf.resize(Mt * L);
+    tile_raw.resize(kDpKTile / 2 * kDpMaxNr * 64 + 64);
+    void* tile = (void*)(((uintptr_t)tile_raw.data() + 63) & ~(uintptr_t)63);
+    for (int64_t sb = sb0; sb < sb1; ++sb) {
+      const int64_t b0 = 2 * sb, nr = std::min<int64_t>(2, nb - b0), n0 = b0 * kNB;
+      const int64_t nv = std::min<int64_t>(N - n0, nr * kNB);  // valid rows of this super-block
+      DpArgs a;
+      a.s_rows = sp + n0 * ng; a.z_rows = zp ? zp + n0 * ng : nullptr; a.ng = ng; a.nv = nv;
+      a.zsym_off = zsym + off; a.off = off;
+      a.x = xp; a.ldx = ldxb; a.xsum = xsp; a.nc = nc;
+      for (int64_t r = 0; r < nr; ++r) a.codes[r] = cp + (b0 + r) * K * rec;
+      a.s = sbuf.data(); a.zc = zbuf.data(); a.y = ybuf.data(); a.tile = tile;
+      a.Mt = Mt; a.K = K; a.G = G; a.C = C; a.bits = (int)bits; a.nr = (int)nr;
+      kern->dp_block(a);
+      const int64_t w = nr * kNB;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t l = 0; l < nv; ++l) {
+          float v = ybuf[(m * T) * w + l];
+          if (T == 2) v += ybuf[(m * T + 1) * w + l];
+          yp[m * N + n0 + l] = v;
+        }
+    }
+  });
+  return y;
+}
+
 Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& scales, const c10::optional<Tensor>& zeros,
                         int64_t bits, int64_t group_size, const c10::optional<Tensor>& bias) {
   const Shape sh = validate(x, packed, scales, zeros, bits, group_size, bias);
@@ -81,6 +198,14 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   if (M == 0 || N == 0) return at::zeros(out_shape, x.options());
+
+  const CpuKernels* kern = TT_CPU_SELECT(quant_matmul_kernels);
+  if (kern->dp_block && (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
+      dp_use((int)bits, M * (x.scalar_type() == at::kHalf ? 2 : 1))) {
+    Tensor y = quant_matmul_dp(kern, x.reshape({M, K}), packed, scales, zeros, bits, G, N);
+    if (bias) y.add_(bias->to(at::kFloat));
+    return y.to(x.scalar_type()).view(out_shape);
+  }
 
   const Tensor xf = x.reshape({M, K}).to(at::kFloat).contiguous();
   const Tensor sf = scales.to(at::kFloat).contiguous();
@@ -90,7 +215,6 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   if (gemv) xsum = xf.view({M, ng, G}).sum(-1).contiguous();
   Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
 
-  const CpuKernels* kern = TT_CPU_SELECT(quant_matmul_kernels);
   const float* xp = xf.data_ptr<float>();
   const float* xsp = gemv ? xsum.data_ptr<float>() : nullptr;
   const uint8_t* cp = packed.data_ptr<uint8_t>();

@@ -34,9 +34,10 @@
 //   M > kGemvMaxM (GEMM): a tile of kKTile features of the block is dequantised once into an fp32
 //     buffer [kKTile][16] ((q - z) * s) and reused by every row of x (register tiles of 8 rows x 1
 //     vector on AVX-512, 6 rows x 2 vectors on AVX2).
-//   Status: the generic and AVX2 kernels are tested (tests/ops/test_quant_matmul.py, cpu_isa
-//   fixture); the AVX-512 kernel is built but has not yet run on AVX-512 hardware (the fixture
-//   covers it automatically on such a machine).
+//   These fp32 kernels serve every activation dtype on generic / AVX2 / AVX-512, and fp32
+//   activations on avx512bf16; bf16 / fp16 activations on avx512bf16 take the vdpbf16ps path
+//   (DpArgs below). All four ISA paths are tested on a Zen 5 (tests/ops/test_quant_matmul.py,
+//   cpu_isa fixture).
 //   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
 //   the machine does not hold up the rest.
 //
@@ -93,6 +94,52 @@ struct BlockArgs {
   int bits;
 };
 
+// avx512bf16 path for bf16 / fp16 activations (CpuKernels::dp_block; nullptr on other ISAs).
+// One call computes one "super-block" of nr (1 or 2) blocks of 16 output rows, i.e. 16*nr lanes,
+// for all Mt rows of x. Activations arrive as bf16 (fp16 x is split exactly into two bf16 terms
+// hi + lo, each an extra row of x that the host sums afterwards), so every product in vdpbf16ps
+// is exact in fp32. Codes are turned into bf16 values c = q + off (off = dp_code_offset(bits):
+// 16 for 4 bits, where the value is built by OR-ing q<<3 into the mantissa of bf16(16.0); 0 where
+// it is converted through fp32), which is exact because c < 256. K is cut into chunks of C features
+// (C = G for G <= 256, else 256; every chunk lies in one group, only the last chunk of K can be
+// odd) and per chunk and row acc = sum_k c[n,k] x[m,k] (fp32, vdpbf16ps on feature pairs), then
+//   y[m,n] += s[n,g] * (acc - (z[n,g] + off) * xsum[m,chunk])
+// with xsum the chunk sum of the bf16 x values (host, fp32). Mt <= 4 (decode): the codes are
+// unpacked in registers and used at once (a streaming GEMV). Mt > 4: a tile of kDpKTile features
+// of the super-block is dequantised once into `tile` as [pair][nr][32 bf16] (64-byte vectors:
+// element 2i + e = row i, feature 2p + e) and reused by every row of x (register tiles of 8 rows
+// x nr vectors, 16 accumulators). Rounding: none beyond fp32 accumulation (every product is
+// exact); the offset adds off * |x| to the magnitudes being summed, which for 4 bits (off = 16)
+// is of the order of the q + z the test bound already allows for.
+constexpr int64_t kDpKTile = 512;  // features per dequantised tile (16 KiB for nr = 2)
+constexpr int kDpMaxNr = 2;
+constexpr int64_t kDpDirectMaxM = 4;  // Mt <= this: streaming GEMV without a tile
+// Whether the vdpbf16ps path is used (given bf16 / fp16 x on avx512bf16) for Mt = M * terms rows.
+// Decode of 2, 3 and 8 bits stays on the fp32 GEMV: their codes are converted through fp32 either
+// way (no single-op bf16 unpack), which costs more vector ops per weight than the fp32 FMA saved,
+// while with > kDpDirectMaxM rows the dequantised tile amortises it over the rows.
+inline bool dp_use(int bits, int64_t Mt) { return bits == 4 || Mt > kDpDirectMaxM; }
+inline float dp_code_offset(int bits) { return bits == 4 ? 16.0f : 0.0f; }
+inline int64_t dp_chunk(int64_t K, int64_t G) { return G <= 256 ? G : (K < 256 ? K : 256); }
+
+struct DpArgs {
+  const uint32_t* x;                // [Mt, ldx] bf16 pairs: low half = feature 2p, high = 2p + 1
+  int64_t ldx;                      // pairs per row (ceil(K/2); an odd K's last feature is 0)
+  const float* xsum;                // [Mt, nc] chunk sums of x
+  int64_t nc;
+  const uint8_t* codes[kDpMaxNr];   // [K, 2*bits] records of each block
+  const float* s_rows;              // [nv, ng] scales of this super-block's rows (logical layout)
+  const uint8_t* z_rows;            // [nv, ng] zeros, or nullptr (symmetric: zsym_off for all)
+  int64_t ng, nv;                   // groups per row, valid rows (<= 16*nr; padded rows repeat the last)
+  float zsym_off, off;              // 2^(bits-1) + off, off = dp_code_offset(bits)
+  float* s;                         // scratch [K/G, 16*nr]: the kernel gathers scales (lane = row)
+  float* zc;                        // scratch [K/G, 16*nr]: z + off
+  float* y;                         // [Mt, 16*nr] output (overwritten)
+  void* tile;                       // scratch: kDpKTile/2 * nr * 64 bytes, 64-byte aligned
+  int64_t Mt, K, G, C;
+  int bits, nr;
+};
+
 // Both block kernels keep the 16 rows of a block in SIMD lanes in the order lane_rows(bits) gives
 // (lane L holds row lane_rows(bits)[L]; the identity except where a cheaper unpack permutes rows):
 // BlockArgs::s, ::z and ::y are in lane order.
@@ -100,6 +147,7 @@ struct CpuKernels {
   void (*gemv_block)(const BlockArgs& a);  // a.M <= kGemvMaxM rows
   void (*gemm_block)(const BlockArgs& a);
   const uint8_t* (*lane_rows)(int bits);
+  void (*dp_block)(const DpArgs& a);  // avx512bf16 only, else nullptr
 };
 
 }  // namespace quant_matmul

@@ -233,7 +233,326 @@ void gemm_block(const BlockArgs& a) {
   }
 }
 
-const CpuKernels kKernels = {gemv_block, gemm_block, lane_rows};
+#if defined(TTSCALE_CPU_ISA_AVX512BF16)
+// ------------------------------------------------------------ vdpbf16ps path (quant_matmul.h)
+using quant_matmul::DpArgs;
+using quant_matmul::kDpKTile;
+using quant_matmul::kDpDirectMaxM;
+
+// Generic pair (any bit width, tails): records k0 and k1 unpacked to fp32 (exact), + off, rounded
+// to bf16 (exact: < 256) and interleaved so that element 2i + e is row i of record k_e.
+inline __m512i dp_pair_generic(VF a, VF b) {
+  alignas(64) static const uint16_t kIl[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                               8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(b.v, a.v);  // elements 0..15 = a, 16..31 = b
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kIl), t);
+}
+
+// 4 bits, 8 records (64 bytes, features k..k+7) -> 4 pair vectors. Record byte j holds rows 2j (low
+// nibble) and 2j+1 (high nibble). Two shifts + two ternary-logic ops give every nibble as a byte
+// (q << 3) | 0x80, i.e. the low byte of bf16(16 + q) = 0x4180 | q << 3 (the mantissa step of
+// 16.0 is 1/8): `lo` holds the even rows, `hi` the odd rows at the same byte offsets. One vpermi2b
+// per pair vector then gathers low bytes from the 128-byte table (lo, hi) into the even bytes and,
+// through the merge mask, keeps the index register's odd bytes, which hold the high byte 0x41.
+struct Dp4Idx {
+  __m512i v[4];
+  Dp4Idx() {
+    alignas(64) uint8_t b[4][64];
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < 16; ++i)
+        for (int e = 0; e < 2; ++e) {
+          b[j][4 * i + 2 * e] = (uint8_t)((i & 1) * 64 + (2 * j + e) * 8 + (i >> 1));
+          b[j][4 * i + 2 * e + 1] = 0x41;
+        }
+    for (int j = 0; j < 4; ++j) v[j] = _mm512_load_si512(b[j]);
+  }
+};
+
+inline void dp_unpack4x8(const uint8_t* rec, __m512i* out, int64_t stride, const Dp4Idx& ix) {
+  const __m512i v = _mm512_loadu_si512(rec);
+  const __m512i m78 = _mm512_set1_epi8(0x78), m80 = _mm512_set1_epi8((char)0x80);
+  const __m512i lo = _mm512_ternarylogic_epi32(_mm512_slli_epi16(v, 3), m78, m80, 0xEA);  // (a & b) | c
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 1), m78, m80, 0xEA);
+  constexpr __mmask64 kEven = 0x5555555555555555ull;
+  for (int j = 0; j < 4; ++j) out[j * stride] = _mm512_mask2_permutex2var_epi8(lo, ix.v[j], kEven, hi);
+}
+
+// Features [kt, kt + kn) of one block into tile[p * nr + slot].
+template <int B>
+void dp_dequant(const uint8_t* codes, int64_t kt, int64_t kn, __m512i* tile, int nr, int slot, const Dp4Idx& ix) {
+  constexpr int RB = 2 * B;
+  const float off = quant_matmul::dp_code_offset(B);
+  int64_t p = 0;
+  if constexpr (B == 4)
+    for (; 2 * p + 8 <= kn; p += 4) dp_unpack4x8(codes + (kt + 2 * p) * RB, tile + p * nr + slot, nr, ix);
+  for (; 2 * p < kn; ++p) {
+    const VF a = add(unpack<B>(codes + (kt + 2 * p) * RB, 0), set1(off));
+    const VF b = 2 * p + 1 < kn ? add(unpack<B>(codes + (kt + 2 * p + 1) * RB, 0), set1(off)) : set1(off);
+    tile[p * nr + slot] = dp_pair_generic(a, b);
+  }
+}
+
+// MR rows x NR vectors over the np pairs of one chunk; U interleaved pair streams keep >= 8
+// independent vdpbf16ps chains for small MR * NR. Then the chunk's scale/zero flush into y.
+template <int MR, int NR>
+void dp_chunk(const DpArgs& a, const __m512i* tile, int64_t np, const uint32_t* x, int64_t m0, int64_t c,
+              const float* s, const float* zc) {
+  constexpr int U = MR * NR >= 8 ? 1 : (8 + MR * NR - 1) / (MR * NR);
+  __m512 acc[U][MR][NR];
+  for (int u = 0; u < U; ++u)
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[u][m][r] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + U <= np; p += U)
+    for (int u = 0; u < U; ++u) {
+      __m512bh w[NR];
+      for (int r = 0; r < NR; ++r) w[r] = (__m512bh)_mm512_load_si512(tile + (p + u) * NR + r);
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * a.ldx + p + u]);
+        for (int r = 0; r < NR; ++r) acc[u][m][r] = _mm512_dpbf16_ps(acc[u][m][r], xb, w[r]);
+      }
+    }
+  for (; p < np; ++p) {
+    __m512bh w[NR];
+    for (int r = 0; r < NR; ++r) w[r] = (__m512bh)_mm512_load_si512(tile + p * NR + r);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * a.ldx + p]);
+      for (int r = 0; r < NR; ++r) acc[0][m][r] = _mm512_dpbf16_ps(acc[0][m][r], xb, w[r]);
+    }
+  }
+  for (int u = 1; u < U; ++u)
+    for (int m = 0; m < MR; ++m)
+      for (int r = 0; r < NR; ++r) acc[0][m][r] = _mm512_add_ps(acc[0][m][r], acc[u][m][r]);
+  // rows outer, scales/zeros of all NR vectors held in registers: the accumulators are consumed
+  // in place (the other order made the compiler spill all of them around the loop)
+  __m512 sv[NR], zv[NR];
+  for (int r = 0; r < NR; ++r) sv[r] = _mm512_loadu_ps(s + r * 16), zv[r] = _mm512_loadu_ps(zc + r * 16);
+  for (int m = 0; m < MR; ++m) {
+    const __m512 xs = _mm512_set1_ps(a.xsum[(m0 + m) * a.nc + c]);
+    for (int r = 0; r < NR; ++r) {
+      float* yp = a.y + (m0 + m) * 16 * NR + r * 16;
+      const __m512 t = _mm512_fnmadd_ps(zv[r], xs, acc[0][m][r]);
+      _mm512_storeu_ps(yp, _mm512_fmadd_ps(sv[r], t, _mm512_loadu_ps(yp)));
+    }
+  }
+}
+
+// Software prefetch of the next tile's codes, spread over the row-tile x chunk steps of the current
+// tile: a tile of one block is one 4 KiB page of codes at 4 bits and the blocks of a super-block
+// alternate, so the hardware stream prefetcher (which stops at page boundaries) restarts on every
+// tile and the dequantisation would wait for DRAM; a burst of prefetches at once overflows the
+// miss buffers. After the last tile the "next tile" is the start of the next super-block (the
+// blocks that follow in memory, usually the next work item); prefetches never fault.
+struct Prefetcher {
+  const char* p[2];
+  int64_t left[2], per_step;
+  int nr;
+  void step() {
+    for (int r = 0; r < nr; ++r)
+      for (int64_t i = 0; i < per_step && left[r] > 0; ++i, --left[r], p[r] += 64) _mm_prefetch(p[r], _MM_HINT_T0);
+  }
+};
+
+template <int NR, int MR>
+void dp_rows(const DpArgs& a, const __m512i* tile, int64_t kt, int64_t kn, int64_t m0, Prefetcher& pf) {
+  for (int64_t c0 = 0; c0 < kn; c0 += a.C) {  // chunks of this tile (kt is a multiple of C)
+    pf.step();
+    const int64_t cn = kn - c0 < a.C ? kn - c0 : a.C;
+    const int64_t c = (kt + c0) / a.C, g = (kt + c0) / a.G;
+    dp_chunk<MR, NR>(a, tile + (c0 / 2) * NR, (cn + 1) / 2, a.x + m0 * a.ldx + (kt + c0) / 2, m0, c,
+                     a.s + g * 16 * NR, a.zc + g * 16 * NR);
+  }
+}
+
+// Few rows (Mt <= kDpDirectMaxM): no tile. The codes of both blocks are unpacked in registers 8
+// features at a time and used at once, so each code byte costs one load and ~2 vector ops
+// (the tile would add a store and a reload per pair vector, more than the few rows of work).
+// A = independent accumulators per (row, vector): the 4 pair vectors of 8 features go to
+// A different chains, so MR * NR * A >= 8 chains hide the vdpbf16ps latency.
+// Bytes ahead in each block's code stream: a 4 KiB page (the hardware prefetcher stops at page
+// boundaries); measured on a 2-core Zen 5: no prefetch 15-18 GB/s on one core, 1 KiB no better,
+// 4-16 KiB 19-21 GB/s.
+constexpr int64_t kDpPrefetch = 4096;
+
+template <int B, int MR, int NR>
+void dp_direct(const DpArgs& a, const Dp4Idx& ix) {
+  const int64_t L = 16 * a.nr;
+  constexpr int RB = 2 * B;
+  constexpr int A = MR * NR >= 8 ? 1 : (MR * NR >= 4 ? 2 : 4);
+  const float off = quant_matmul::dp_code_offset(B);
+  for (int64_t k0 = 0, c = 0; k0 < a.K; k0 += a.C, ++c) {
+    const int64_t kn = a.K - k0 < a.C ? a.K - k0 : a.C, g = k0 / a.G;
+    const uint32_t* x = a.x + k0 / 2;
+    __m512 acc[A][MR][NR];
+    for (int u = 0; u < A; ++u)
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < NR; ++r) acc[u][m][r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    if constexpr (B == 4) {
+      for (; k + 8 <= kn; k += 8) {
+        __m512i w[NR][4];
+        for (int r = 0; r < NR; ++r) {
+          const uint8_t* rec = a.codes[r] + (k0 + k) * RB;
+          _mm_prefetch((const char*)rec + kDpPrefetch, _MM_HINT_T0);
+          dp_unpack4x8(rec, w[r], 1, ix);
+        }
+        for (int j = 0; j < 4; ++j)
+          for (int m = 0; m < MR; ++m) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * a.ldx + k / 2 + j]);
+            for (int r = 0; r < NR; ++r) acc[j % A][m][r] = _mm512_dpbf16_ps(acc[j % A][m][r], xb, (__m512bh)w[r][j]);
+          }
+      }
+    }
+    for (; k < kn; k += 2) {  // pair by pair (other bit widths, tails)
+      __m512bh w[NR];
+      for (int r = 0; r < NR; ++r) {
+        const uint8_t* rec = a.codes[r] + (k0 + k) * RB;
+        if (k % 8 == 0) _mm_prefetch((const char*)rec + kDpPrefetch, _MM_HINT_T0);
+        const VF lo = add(unpack<B>(rec, 0), set1(off));
+        const VF hi = k + 1 < kn ? add(unpack<B>(rec + RB, 0), set1(off)) : set1(off);
+        w[r] = (__m512bh)dp_pair_generic(lo, hi);
+      }
+      for (int m = 0; m < MR; ++m) {
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * a.ldx + k / 2]);
+        for (int r = 0; r < NR; ++r) acc[0][m][r] = _mm512_dpbf16_ps(acc[0][m][r], xb, w[r]);
+      }
+    }
+    for (int u = 1; u < A; ++u)
+      for (int m = 0; m < MR; ++m)
+        for (int r = 0; r < NR; ++r) acc[0][m][r] = _mm512_add_ps(acc[0][m][r], acc[u][m][r]);
+    for (int r = 0; r < NR; ++r) {
+      const __m512 sv = _mm512_loadu_ps(a.s + g * L + r * 16), zv = _mm512_loadu_ps(a.zc + g * L + r * 16);
+      for (int m = 0; m < MR; ++m) {
+        float* yp = a.y + m * L + r * 16;
+        const __m512 t = _mm512_fnmadd_ps(zv, _mm512_set1_ps(a.xsum[m * a.nc + c]), acc[0][m][r]);
+        _mm512_storeu_ps(yp, _mm512_fmadd_ps(sv, t, _mm512_loadu_ps(yp)));
+      }
+    }
+  }
+}
+
+// 16 x 16 fp32 transpose in registers: r[i][j] -> r[j][i]. unpacklo/hi pair rows, shuffle_ps
+// makes 4 x 4 blocks inside each 128-bit lane (u[4a+b] = rows 4a..4a+3 of columns b, b+4, b+8,
+// b+12 in its four lanes), and two rounds of shuffle_f32x4 gather the lanes of one column.
+inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int b = 0; b < 4; ++b) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[b], u[4 + b], 0x88), w0 = _mm512_shuffle_f32x4(u[8 + b], u[12 + b], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[b], u[4 + b], 0xDD), w1 = _mm512_shuffle_f32x4(u[8 + b], u[12 + b], 0xDD);
+    r[b] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[b + 8] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[b + 4] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[b + 12] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+
+// Scales and zeros (+ off) of the super-block's rows, from the logical [row][g] layout to
+// [g][16 * NR] lanes: 16 rows x 16 groups per register transpose (contiguous loads; a scalar
+// loop or AVX-512 gathers cost ~2 us per super-block, a third of a decode step's work on it).
+template <int NR>
+void dp_gather_scales(const DpArgs& a) {
+  const int64_t L = 16 * NR;
+  const __m512 offv = _mm512_set1_ps(a.off);
+  for (int r = 0; r < NR; ++r) {
+    const float* srow[16];
+    const uint8_t* zrow[16];
+    for (int l = 0; l < 16; ++l) {
+      const int64_t row = r * 16 + l < a.nv ? r * 16 + l : a.nv - 1;  // padded rows: never written
+      srow[l] = a.s_rows + row * a.ng;
+      zrow[l] = a.z_rows ? a.z_rows + row * a.ng : nullptr;
+    }
+    for (int64_t g0 = 0; g0 < a.ng; g0 += 16) {
+      const int64_t gn = a.ng - g0 < 16 ? a.ng - g0 : 16;
+      const __mmask16 km = (__mmask16)((1u << gn) - 1u);
+      __m512 v[16];
+      for (int l = 0; l < 16; ++l) v[l] = _mm512_maskz_loadu_ps(km, srow[l] + g0);
+      transpose16(v);
+      for (int64_t j = 0; j < gn; ++j) _mm512_storeu_ps(a.s + (g0 + j) * L + r * 16, v[j]);
+      if (a.z_rows) {
+        for (int l = 0; l < 16; ++l)
+          v[l] = _mm512_add_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(km, zrow[l] + g0))), offv);
+        transpose16(v);
+        for (int64_t j = 0; j < gn; ++j) _mm512_storeu_ps(a.zc + (g0 + j) * L + r * 16, v[j]);
+      } else {
+        for (int64_t j = 0; j < gn; ++j) _mm512_storeu_ps(a.zc + (g0 + j) * L + r * 16, _mm512_set1_ps(a.zsym_off));
+      }
+    }
+  }
+}
+
+template <int B, int NR>
+void dp_b(const DpArgs& a) {
+  static const Dp4Idx ix;
+  __m512i* tile = (__m512i*)a.tile;
+  dp_gather_scales<NR>(a);
+  for (int64_t i = 0; i < a.Mt * 16 * NR; ++i) a.y[i] = 0.0f;
+  if (a.Mt <= kDpDirectMaxM) {
+    switch (a.Mt) {
+      case 1: dp_direct<B, 1, NR>(a, ix); break;
+      case 2: dp_direct<B, 2, NR>(a, ix); break;
+      case 3: dp_direct<B, 3, NR>(a, ix); break;
+      default: dp_direct<B, 4, NR>(a, ix); break;
+    }
+    return;
+  }
+  const int64_t kt_step = a.C * (kDpKTile / a.C > 0 ? kDpKTile / a.C : 1);
+  constexpr int MR = 8;
+  for (int64_t kt = 0; kt < a.K; kt += kt_step) {
+    const int64_t kn = a.K - kt < kt_step ? a.K - kt : kt_step;
+    for (int r = 0; r < NR; ++r) dp_dequant<B>(a.codes[r], kt, kn, tile, NR, r, ix);
+    Prefetcher pf;
+    pf.nr = NR;
+    {
+      const int64_t nxt = kt + kt_step, steps = ((a.Mt + MR - 1) / MR) * ((kn + a.C - 1) / a.C);
+      const int64_t bytes = (nxt < a.K ? (a.K - nxt < kt_step ? a.K - nxt : kt_step) : kt_step) * 2 * B;
+      for (int r = 0; r < NR; ++r) {
+        pf.p[r] = nxt < a.K ? (const char*)a.codes[r] + nxt * 2 * B : (const char*)a.codes[r] + NR * a.K * 2 * B;
+        pf.left[r] = (bytes + 63) / 64;
+      }
+      pf.per_step = (pf.left[0] + steps - 1) / steps;
+    }
+    int64_t m0 = 0;
+    for (; m0 + MR <= a.Mt; m0 += MR) dp_rows<NR, MR>(a, tile, kt, kn, m0, pf);
+    switch (a.Mt - m0) {
+      case 1: dp_rows<NR, 1>(a, tile, kt, kn, m0, pf); break;
+      case 2: dp_rows<NR, 2>(a, tile, kt, kn, m0, pf); break;
+      case 3: dp_rows<NR, 3>(a, tile, kt, kn, m0, pf); break;
+      case 4: dp_rows<NR, 4>(a, tile, kt, kn, m0, pf); break;
+      case 5: dp_rows<NR, 5>(a, tile, kt, kn, m0, pf); break;
+      case 6: dp_rows<NR, 6>(a, tile, kt, kn, m0, pf); break;
+      case 7: dp_rows<NR, 7>(a, tile, kt, kn, m0, pf); break;
+      default: break;
+    }
+  }
+}
+
+template <int B>
+void dp_nr(const DpArgs& a) {
+  if (a.nr == 2) dp_b<B, 2>(a); else dp_b<B, 1>(a);
+}
+
+void dp_block(const DpArgs& a) {
+  switch (a.bits) {
+    case 2: dp_nr<2>(a); break;
+    case 3: dp_nr<3>(a); break;
+    case 8: dp_nr<8>(a); break;
+    default: dp_nr<4>(a); break;
+  }
+}
+const CpuKernels kKernels = {gemv_block, gemm_block, lane_rows, dp_block};
+#else
+const CpuKernels kKernels = {gemv_block, gemm_block, lane_rows, nullptr};
+#endif
 
 }  // namespace
 
