@@ -197,6 +197,21 @@ class KVPool:
         if used > self.peak_pages:
             self.peak_pages = used
 
+    def grow(self, seqs: Sequence[int]) -> None:
+        """One more token for each sequence, in room that is already reserved: the sequence's last page
+        has a free slot and is its own (refcount 1). The decode fast path of the engine calls this for
+        the steps between page boundaries instead of :meth:`reserve`; it raises ValueError (and
+        changes nothing) when a sequence has no such room."""
+        ps = self.page_size
+        rc = self.refcount
+        ss = [self._get(sid) for sid in seqs]
+        for sid, s in zip(seqs, ss):
+            if s.length >= len(s.pages) * ps or rc[s.pages[-1]] != 1:
+                raise ValueError(f"ttscale.engine: KVPool.grow: sequence {sid} has no private free slot "
+                                 f"(length {s.length}, {len(s.pages)} pages); use reserve")
+        for s in ss:
+            s.length += 1
+
     def _copy(self, src: List[int], dst: List[int]) -> None:
         # One copy_pages call for every layer: view [L * P, page, Hkv, D], page p of layer l at l*P + p.
         L, P = self.num_layers, self.num_pages
