@@ -370,6 +370,7 @@ class Engine:
         step = 0
         eos = self.eos_token_ids
         batch: Optional[_DecodeBatch] = None
+        stop_any = eos | stop_tok
         while active:
             if batch is not None:
                 # same nodes as last step, each with exactly its sampled token pending: the fast path
@@ -398,7 +399,22 @@ class Engine:
                                 min_p=float(sp.min_p), indices=idx, **kw)
             toks = toks_t.tolist()
             self.counters.decoded_tokens += len(toks)
+            n_active = len(active)
             still = []
+            if not stop_strings and stop_any.isdisjoint(toks):
+                # common case (no EOS / stop token drawn): only bookkeeping and the length limit
+                for i, t in zip(active, toks):
+                    n = nodes[i]
+                    n._n_cached = len(n._tokens)
+                    n._tokens.append(t)
+                    n._logits = None
+                    ni = new[i]
+                    ni.append(t)
+                    if len(ni) >= limit[i]:
+                        reason[i] = "length"
+                    else:
+                        still.append(i)
+                toks = ()  # handled
             for i, t in zip(active, toks):
                 n = nodes[i]
                 n._n_cached = len(n._tokens)  # every active node's pending tokens ran before sampling
@@ -417,7 +433,7 @@ class Engine:
                 else:
                     still.append(i)
             if batch is not None:
-                if len(still) == len(active):
+                if len(still) == n_active:
                     batch.next_ids = toks_t  # already in the batch's order: the next step's input ids
                 else:
                     batch = None  # the node set changed: re-plan from the survivors next step
@@ -664,8 +680,8 @@ class _DecodeBatch:
       :class:`SharedPrefixDecode`, positions, and ``room``: how many more tokens every node's last
       page still takes;
     * ``advance`` (each later step): if ``room`` is 0, ``_build`` again; else ``KVPool.grow`` (lengths
-      + 1, no allocation) and three in-place ``add_(1)``: the full table's and the private level's
-      ``kv_last_page_len`` and the positions. Nothing else in the tables can change.
+      + 1, no allocation) and one in-place ``add_(1)`` on the rows holding the full table's and the
+      private level's ``kv_last_page_len`` and the positions. Nothing else in the tables can change.
 
     The next step's input ids are the sampled token tensor itself (the batch's order is the
     sampling order), unless a rebuild re-sorted the nodes. A batch lives while its node set does;
@@ -707,8 +723,12 @@ class _DecodeBatch:
         i32 = dict(dtype=torch.int32, device=dev)
         self.kv_indptr = torch.tensor(indptr, **i32)
         self.kv_indices = torch.tensor(list(itertools.chain.from_iterable(page_lists)), **i32)
-        self.kv_last = torch.tensor([(x - 1) % ps + 1 for x in lens], **i32)
-        self.positions = torch.tensor([len(n._tokens) - 1 for n in nodes], dtype=torch.long, device=dev)
+        # the per-step counters live in one int32 buffer so that a step advances them with one add_:
+        # row 0 the full table's kv_last_page_len, row 1 the private level's, row 2 the positions
+        self._step_rows = torch.zeros(3, len(nodes), **i32)
+        self._step_rows[0] = torch.tensor([(x - 1) % ps + 1 for x in lens], **i32)
+        self._step_rows[2] = torch.tensor([len(n._tokens) - 1 for n in nodes], **i32)
+        self.kv_last, self.positions = self._step_rows[0], self._step_rows[2]
         self.sum_lens = sum(lens)
         self.spd = None
         self.shared_fixed = 0  # shared tokens read per step = shared_fixed + sum_lens
@@ -720,10 +740,12 @@ class _DecodeBatch:
             for ln, st in zip(lens, suffix_start):
                 r = ln - st * ps  # >= 1: a node's last page is never shared after reserve
                 sfx_last.append((r - 1) % ps + 1)
-            levels[-1].kv_last_page_len = torch.tensor(sfx_last, **i32)
+            self._step_rows[1] = torch.tensor(sfx_last, **i32)
+            levels[-1].kv_last_page_len = self._step_rows[1]  # planned as is (int32, contiguous row)
             self.shared_fixed = group_tokens - ps * sum(suffix_start)
             if eng._share_pays(-self.shared_fixed, len(levels)):
                 self.spd = SharedPrefixDecode().plan(levels, device=dev)
+                assert self.spd.levels[-1].kv_last_page_len.data_ptr() == self._step_rows[1].data_ptr()
         self.seed_tensor = None
         if self.seeds is not None:
             self.seed_tensor = torch.tensor([self.seeds[i] for i in self.order], dtype=torch.int64, device=dev)
@@ -737,10 +759,7 @@ class _DecodeBatch:
         self.engine.pool.grow(self.seqs)
         self.room -= 1
         self.sum_lens += len(self.seqs)
-        self.kv_last.add_(1)
-        self.positions.add_(1)
-        if self.spd is not None:
-            self.spd.levels[-1].kv_last_page_len.add_(1)
+        self._step_rows.add_(1)  # kv_last_page_len of both tables and the positions
 
     def tables(self):
         """The current tables, for tests: ``(order, kv_indptr, kv_indices, kv_last, positions, levels or
@@ -768,7 +787,7 @@ class _DecodeBatch:
             w_indptr, w_indices, w_last = priv.kv_indptr, priv.kv_indices, priv.kv_last_page_len
         else:
             w_indptr, w_indices, w_last = self.kv_indptr, self.kv_indices, self.kv_last
-        kall, vall = pool.k, pool.v
+        kall, vall = pool._k_layers, pool._v_layers
         kv_indptr, kv_indices, kv_last = self.kv_indptr, self.kv_indices, self.kv_last
 
         def attn(li, q, k, v):

@@ -55,6 +55,9 @@ class KVPool:
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # per-layer views made once (indexing self.k[layer] is a tensor op per layer per step)
+        self._k_layers = self.k.unbind(0)
+        self._v_layers = self.v.unbind(0)
         self.refcount: List[int] = [0] * num_pages
         self._free: List[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._seqs: Dict[int, _Seq] = {}
@@ -64,10 +67,10 @@ class KVPool:
 
     # ------------------------------------------------------------------ views
     def k_cache(self, layer: int) -> torch.Tensor:
-        return self.k[layer]
+        return self._k_layers[layer]
 
     def v_cache(self, layer: int) -> torch.Tensor:
-        return self.v[layer]
+        return self._v_layers[layer]
 
     @property
     def bytes_per_token(self) -> int:
@@ -204,10 +207,14 @@ class KVPool:
         changes nothing) when a sequence has no such room."""
         ps = self.page_size
         rc = self.refcount
-        ss = [self._get(sid) for sid in seqs]
-        for sid, s in zip(seqs, ss):
+        live = self._seqs
+        try:
+            ss = [live[sid] for sid in seqs]
+        except KeyError as e:
+            raise ValueError(f"ttscale.engine: KVPool has no live sequence {e.args[0]!r}") from None
+        for s in ss:
             if s.length >= len(s.pages) * ps or rc[s.pages[-1]] != 1:
-                raise ValueError(f"ttscale.engine: KVPool.grow: sequence {sid} has no private free slot "
+                raise ValueError(f"ttscale.engine: KVPool.grow: a sequence has no private free slot "
                                  f"(length {s.length}, {len(s.pages)} pages); use reserve")
         for s in ss:
             s.length += 1
