@@ -375,6 +375,7 @@ class Engine:
             if batch is not None:
                 # same nodes as last step, each with exactly its sampled token pending: the fast path
                 batch.advance()
+                active = batch.order  # a rebuild at a page boundary re-sorts (logits rows follow it)
                 logits = batch.forward()
                 idx = None
             else:
