@@ -16,10 +16,14 @@ of the search tree) plus the page table of each group's shared KV (``kv_indptr [
 (``qo_indptr = arange(N+1)``); a group (or a branch) with no pages at a level is fine: it
 contributes LSE ``-inf`` and the merge leaves its state unchanged.
 
-``plan()`` validates the levels and moves the index tensors to the device once per decode step;
-``run()`` is then called per layer (it only launches ops). A plan stays valid while the page table
-it was built from is unchanged: re-plan after appending tokens that start a new page, after fork /
-copy-on-write, or when branches are added or released.
+``plan()`` validates the levels and moves the index tensors to the device; ``run()`` is then called
+per layer (it only launches ops). A plan stays valid while the page table it was built from is
+unchanged: re-plan after appending tokens that start a new page, after fork / copy-on-write, or when
+branches are added or released. Between those events a decode step only adds one token to each
+branch's last page, i.e. only the private level's ``kv_last_page_len`` changes: ``run()`` reads the
+planned tensors (:attr:`SharedPrefixDecode.levels`), so updating that tensor in place (``add_(1)``)
+keeps the plan current without re-planning (what the engine does for the steps between page
+boundaries).
 
 Sliding windows are not supported (a window is not a function of a level alone); softcap and
 scale are.
@@ -82,6 +86,14 @@ class SharedPrefixDecode:
     @property
     def num_branches(self) -> int:
         return self._num_branches
+
+    @property
+    def levels(self) -> List[Level]:
+        """The planned levels (int32, contiguous, on the plan's device); ``run()`` reads these tensors,
+        so in-place updates of them (e.g. the private level's ``kv_last_page_len``) take effect."""
+        if self._levels is None:
+            raise RuntimeError("ttscale: SharedPrefixDecode.levels read before plan()")
+        return self._levels
 
     def plan(self, levels: Sequence[Level], device: Optional[torch.device] = None) -> "SharedPrefixDecode":
         if len(levels) == 0:

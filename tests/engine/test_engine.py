@@ -28,7 +28,8 @@ def test_tree_shared_prefix_matches_reference_and_unshared():
     model = make_model(layers=2)
     runs = []
     for levels in (3, 2, 1):
-        eng = Engine(model, num_pages=128, page_size=4, max_share_levels=levels, eos_token_ids=())
+        eng = Engine(model, num_pages=128, page_size=4, max_share_levels=levels, eos_token_ids=(),
+                     share_min_saved_bytes=0)  # always share: this test is about the shared path
         root = eng.prefill(list(range(3, 24)))  # 21 tokens: 5 full pages + 1 partial
         kids = eng.fork(root, 3)
         eng.extend(kids, max_new_tokens=6, seed=1)
@@ -51,7 +52,7 @@ def test_tree_shared_prefix_matches_reference_and_unshared():
 def test_mixed_batch_partial_sharing():
     """One batch mixing a shared subtree, singletons and an unrelated prompt: levels with empty groups."""
     model = make_model(layers=2, heads=4, kv_heads=2)
-    eng = Engine(model, num_pages=128, page_size=3, eos_token_ids=())
+    eng = Engine(model, num_pages=128, page_size=3, eos_token_ids=(), share_min_saved_bytes=0)
     ref = Engine(model, num_pages=128, page_size=3, eos_token_ids=(), max_share_levels=1)
     batches = []
     for e in (eng, ref):
@@ -259,7 +260,8 @@ _PROP_MODEL = make_model(layers=1, hidden=128, heads=2, kv_heads=1, inter=128, m
 def test_random_engine_usage(page_size, levels, actions):
     """Random prefill / fork / extend (random subsets, lock-step) / append / release: the pool stays
     consistent and every live node's logits equal the dense forward of its tokens."""
-    eng = Engine(_PROP_MODEL, num_pages=400, page_size=page_size, eos_token_ids=(), max_share_levels=levels)
+    eng = Engine(_PROP_MODEL, num_pages=400, page_size=page_size, eos_token_ids=(), max_share_levels=levels,
+                 share_min_saved_bytes=0)
     live = [eng.prefill([1, 4, 5, 6, 7][: 2 + len(actions) % 4])]
     for kind, pick, n in actions:
         if not live or kind == "prefill":

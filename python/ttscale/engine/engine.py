@@ -147,11 +147,17 @@ class Engine:
         max_share_levels: most attention levels of shared-prefix decode (shared levels + the
             private suffix level); 1 disables sharing (plain per-branch paged decode).
         kv_budget_bytes: pool size when ``num_pages`` is None (default 256 MiB, at least 16 pages).
+        share_min_saved_bytes: cost model of shared-prefix decode. Each shared level costs one more
+            attention call and one merge per layer; a decode step uses sharing only when the K/V bytes
+            it saves per layer (shared pages not re-read once per branch) exceed this many bytes per
+            extra level, else it runs plain per-branch paged decode. The default, 256 KiB, is about
+            what a 2-core x86 CPU streams from cache in the ~15 us an extra call + merge costs on a
+            small model; 0 shares whenever anything is shared. Counters record the path taken.
     """
 
     def __init__(self, model: Transformer, tokenizer=None, *, num_pages: Optional[int] = None, page_size: int = 16,
                  device=None, eos_token_ids: Optional[Sequence[int]] = None, max_share_levels: int = 3,
-                 kv_budget_bytes: int = 256 * 2**20):
+                 kv_budget_bytes: int = 256 * 2**20, share_min_saved_bytes: int = 256 * 1024):
         if not isinstance(model, Transformer):
             raise TypeError(f"ttscale.engine: Engine needs a ttscale.engine.Transformer, got {type(model).__name__}")
         if model.config.is_classifier:
@@ -182,10 +188,16 @@ class Engine:
             eos_token_ids = sorted(eos)
         self.eos_token_ids = frozenset(int(e) for e in eos_token_ids)
         self.max_share_levels = max_share_levels
+        if not isinstance(share_min_saved_bytes, int) or share_min_saved_bytes < 0:
+            raise ValueError(f"ttscale.engine: share_min_saved_bytes must be an int >= 0, got {share_min_saved_bytes!r}")
+        self.share_min_saved_bytes = share_min_saved_bytes
         self.counters = EngineCounters()
         self._ids = itertools.count()
         self._spd = SharedPrefixDecode()
         self._plan_cache: Optional[_SharePlan] = None
+        # lock-step decode inside extend() through _DecodeBatch (False: every step through _forward;
+        # same results, kept for tests that compare the two)
+        self.fast_decode = True
 
     # ------------------------------------------------------------------ helpers
     def _check_node(self, node, name: str = "node") -> Node:
@@ -357,21 +369,56 @@ class Engine:
                       & 0x7FFFFFFFFFFFFFFF) for i, n in enumerate(nodes)]
         step = 0
         eos = self.eos_token_ids
+        batch: Optional[_DecodeBatch] = None
+        stop_any = eos | stop_tok
         while active:
-            need = [nodes[i] for i in active if nodes[i]._n_cached < len(nodes[i]._tokens) or nodes[i]._logits is None]
-            if need:
-                self._forward(need)
-            logits, idx = self._gather_logits([nodes[i] for i in active])
+            if batch is not None:
+                # same nodes as last step, each with exactly its sampled token pending: the fast path
+                batch.advance()
+                active = batch.order  # a rebuild at a page boundary re-sorts (logits rows follow it)
+                logits = batch.forward()
+                idx = None
+            else:
+                need = [nodes[i] for i in active
+                        if nodes[i]._n_cached < len(nodes[i]._tokens) or nodes[i]._logits is None]
+                if need and len(need) == len(active) and self.fast_decode and \
+                        all(len(n._tokens) - n._n_cached == 1 and n._n_cached > 0 for n in need):
+                    batch = _DecodeBatch(self, nodes, active, seeds)
+                    active = batch.order
+                    logits = batch.forward()
+                    idx = None
+                else:
+                    if need:
+                        self._forward(need)
+                    logits, idx = self._gather_logits([nodes[i] for i in active])
             kw = {}
             if seeds is not None:
-                kw = dict(seed=torch.tensor([seeds[i] for i in active], dtype=torch.int64, device=self.device),
-                          offset=step)
-            toks = ops.sample(logits, temperature=float(sp.temperature), top_k=int(sp.top_k), top_p=float(sp.top_p),
-                              min_p=float(sp.min_p), indices=idx, **kw).tolist()
+                sd = batch.seed_tensor if batch is not None else \
+                    torch.tensor([seeds[i] for i in active], dtype=torch.int64, device=self.device)
+                kw = dict(seed=sd, offset=step)
+            toks_t = ops.sample(logits, temperature=float(sp.temperature), top_k=int(sp.top_k), top_p=float(sp.top_p),
+                                min_p=float(sp.min_p), indices=idx, **kw)
+            toks = toks_t.tolist()
             self.counters.decoded_tokens += len(toks)
+            n_active = len(active)
             still = []
+            if not stop_strings and stop_any.isdisjoint(toks):
+                # common case (no EOS / stop token drawn): only bookkeeping and the length limit
+                for i, t in zip(active, toks):
+                    n = nodes[i]
+                    n._n_cached = len(n._tokens)
+                    n._tokens.append(t)
+                    n._logits = None
+                    ni = new[i]
+                    ni.append(t)
+                    if len(ni) >= limit[i]:
+                        reason[i] = "length"
+                    else:
+                        still.append(i)
+                toks = ()  # handled
             for i, t in zip(active, toks):
                 n = nodes[i]
+                n._n_cached = len(n._tokens)  # every active node's pending tokens ran before sampling
                 n._tokens.append(t)
                 n._logits = None
                 new[i].append(t)
@@ -386,6 +433,11 @@ class Engine:
                     reason[i] = "length"
                 else:
                     still.append(i)
+            if batch is not None:
+                if len(still) == n_active:
+                    batch.next_ids = toks_t  # already in the batch's order: the next step's input ids
+                else:
+                    batch = None  # the node set changed: re-plan from the survivors next step
             active = still
             step += 1
         out = []
@@ -395,6 +447,12 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ internals
+    def _share_pays(self, saved_tokens: int, num_levels: int) -> bool:
+        """Cost model (``share_min_saved_bytes``): does reading the shared levels once, at the price of
+        ``num_levels - 1`` extra attention calls + merges per layer, beat per-branch decode?"""
+        saved = saved_tokens * (self.pool.bytes_per_token // self.pool.num_layers)
+        return saved > 0 and saved >= (num_levels - 1) * self.share_min_saved_bytes
+
     def _gather_logits(self, nodes: List[Node]) -> Tuple[torch.Tensor, torch.Tensor]:
         """One logits matrix and the row of each node (forked children share a row)."""
         tensors: Dict[int, Tuple[torch.Tensor, int]] = {}
@@ -444,10 +502,13 @@ class Engine:
                     r = ln - st * ps
                     sfx_last.append((r - 1) % ps + 1 if r > 0 else 0)
                     shared_tokens += r
-                lv = plan.levels[-1]
-                levels = plan.levels[:-1] + [Level(lv.qo_indptr, lv.kv_indptr, lv.kv_indices,
-                                                   torch.tensor(sfx_last, dtype=torch.int32, device=dev))]
-                spd = self._spd.plan(levels, device=dev)
+                if self._share_pays(unshared_tokens - shared_tokens, len(plan.levels)):
+                    lv = plan.levels[-1]
+                    levels = plan.levels[:-1] + [Level(lv.qo_indptr, lv.kv_indptr, lv.kv_indices,
+                                                       torch.tensor(sfx_last, dtype=torch.int32, device=dev))]
+                    spd = self._spd.plan(levels, device=dev)
+                else:
+                    shared_tokens = unshared_tokens
         else:
             page_lists = [pool.pages(s) for s in seqs]
             lens = [pool.length(s) for s in seqs]
@@ -604,3 +665,138 @@ class _SharePlan:
         self.levels = None
         self.group_tokens = 0
         self.suffix_start = None
+
+
+class _DecodeBatch:
+    """Lock-step decode of a fixed set of nodes inside one ``extend`` call (the fast path).
+
+    A decode step of a small model costs far more in per-step bookkeeping (page tables rebuilt from
+    Python lists, a shared-prefix plan validated per step, index tensors created from lists) than in
+    math. Between two page boundaries a step changes the KV layout by exactly one token per node,
+    appended to the node's own last page, so this class builds the tables once per *epoch*:
+
+    * ``_build`` (at creation and whenever some node's last page is full): ``reserve`` (new pages,
+      copy-on-write of a shared partial last page), the DFS order of the nodes by page list, the full
+      CSR page table, the shared-prefix levels (``Engine._plan_levels``) planned once into a
+      :class:`SharedPrefixDecode`, positions, and ``room``: how many more tokens every node's last
+      page still takes;
+    * ``advance`` (each later step): if ``room`` is 0, ``_build`` again; else ``KVPool.grow`` (lengths
+      + 1, no allocation) and one in-place ``add_(1)`` on the rows holding the full table's and the
+      private level's ``kv_last_page_len`` and the positions. Nothing else in the tables can change.
+
+    The next step's input ids are the sampled token tensor itself (the batch's order is the
+    sampling order), unless a rebuild re-sorted the nodes. A batch lives while its node set does;
+    ``extend`` drops it when a node stops.
+
+    Sharing is chosen once per epoch by ``Engine._share_pays`` (the engine's ``share_min_saved_bytes``
+    cost model); the counters record what the chosen path reads.
+    """
+
+    def __init__(self, engine: "Engine", nodes: List["Node"], active: List[int], seeds: Optional[List[int]]):
+        self.engine = engine
+        self.all_nodes = nodes
+        self.order = list(active)
+        self.seeds = seeds
+        self.next_ids: Optional[torch.Tensor] = None
+        self._build()
+
+    # ---------------------------------------------------------------- planning
+    def _build(self) -> None:
+        eng = self.engine
+        pool, ps, dev = eng.pool, eng.pool.page_size, eng.device
+        nodes = [self.all_nodes[i] for i in self.order]
+        seqs = [n._seq for n in nodes]
+        pool.reserve(seqs, [len(n._tokens) - pool.length(sq) for n, sq in zip(nodes, seqs)])
+        eng.counters.peak_pages = max(eng.counters.peak_pages, pool.num_used)
+        share = eng.max_share_levels > 1 and len(nodes) > 1
+        if share:  # DFS order of the page-sharing tree
+            perm = sorted(range(len(seqs)), key=lambda i: pool.pages(seqs[i]))
+            self.order = [self.order[i] for i in perm]
+            nodes = [nodes[i] for i in perm]
+            seqs = [seqs[i] for i in perm]
+        self.nodes, self.seqs = nodes, seqs
+        page_lists = [pool.pages(sq) for sq in seqs]
+        lens = [pool.length(sq) for sq in seqs]
+        self.room = min(len(pl) * ps - ln for pl, ln in zip(page_lists, lens))
+        indptr = [0]
+        for pl in page_lists:
+            indptr.append(indptr[-1] + len(pl))
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.kv_indptr = torch.tensor(indptr, **i32)
+        self.kv_indices = torch.tensor(list(itertools.chain.from_iterable(page_lists)), **i32)
+        # the per-step counters live in one int32 buffer so that a step advances them with one add_:
+        # row 0 the full table's kv_last_page_len, row 1 the private level's, row 2 the positions
+        self._step_rows = torch.zeros(3, len(nodes), **i32)
+        self._step_rows[0] = torch.tensor([(x - 1) % ps + 1 for x in lens], **i32)
+        self._step_rows[2] = torch.tensor([len(n._tokens) - 1 for n in nodes], **i32)
+        self.kv_last, self.positions = self._step_rows[0], self._step_rows[2]
+        self.sum_lens = sum(lens)
+        self.spd = None
+        self.shared_fixed = 0  # shared tokens read per step = shared_fixed + sum_lens
+        levels = None
+        if share:
+            levels, group_tokens, suffix_start = eng._plan_levels(page_lists)
+        if levels is not None:
+            sfx_last = []
+            for ln, st in zip(lens, suffix_start):
+                r = ln - st * ps  # >= 1: a node's last page is never shared after reserve
+                sfx_last.append((r - 1) % ps + 1)
+            self._step_rows[1] = torch.tensor(sfx_last, **i32)
+            levels[-1].kv_last_page_len = self._step_rows[1]  # planned as is (int32, contiguous row)
+            self.shared_fixed = group_tokens - ps * sum(suffix_start)
+            if eng._share_pays(-self.shared_fixed, len(levels)):
+                self.spd = SharedPrefixDecode().plan(levels, device=dev)
+                assert self.spd.levels[-1].kv_last_page_len.data_ptr() == self._step_rows[1].data_ptr()
+        self.seed_tensor = None
+        if self.seeds is not None:
+            self.seed_tensor = torch.tensor([self.seeds[i] for i in self.order], dtype=torch.int64, device=dev)
+        self.next_ids = None  # the order may have changed: ids come from the nodes' token lists
+
+    def advance(self) -> None:
+        """Move to the next step: every node has one new pending token (module: class docstring)."""
+        if self.room <= 0:
+            self._build()
+            return
+        self.engine.pool.grow(self.seqs)
+        self.room -= 1
+        self.sum_lens += len(self.seqs)
+        self._step_rows.add_(1)  # kv_last_page_len of both tables and the positions
+
+    def tables(self):
+        """The current tables, for tests: ``(order, kv_indptr, kv_indices, kv_last, positions, levels or
+        None)``."""
+        return (list(self.order), self.kv_indptr, self.kv_indices, self.kv_last, self.positions,
+                None if self.spd is None else self.spd.levels)
+
+    # ---------------------------------------------------------------- running
+    def forward(self) -> torch.Tensor:
+        """Run every node's pending token; next-token logits ``[B, V]`` in ``self.order``."""
+        eng = self.engine
+        pool = eng.pool
+        ids = self.next_ids
+        if ids is None:
+            ids = torch.tensor([n._tokens[-1] for n in self.nodes], dtype=torch.long, device=eng.device)
+        bpt = pool.bytes_per_token
+        c = eng.counters
+        c.kv_bytes_read += (self.sum_lens + self.shared_fixed if self.spd is not None else self.sum_lens) * bpt
+        c.kv_bytes_read_unshared += self.sum_lens * bpt
+        c.forward_steps += 1
+        spd = self.spd
+        if spd is not None:
+            priv = spd.levels[-1]
+            # the private level holds each node's last page, so it also says where the new token goes
+            w_indptr, w_indices, w_last = priv.kv_indptr, priv.kv_indices, priv.kv_last_page_len
+        else:
+            w_indptr, w_indices, w_last = self.kv_indptr, self.kv_indices, self.kv_last
+        kall, vall = pool._k_layers, pool._v_layers
+        kv_indptr, kv_indices, kv_last = self.kv_indptr, self.kv_indices, self.kv_last
+
+        def attn(li, q, k, v):
+            kc, vc = kall[li], vall[li]
+            ops.append_paged_kv(k, v, kc, vc, w_indptr, w_indices, w_last)
+            if spd is not None:
+                return spd.run(q, kc, vc)
+            return ops.paged_attention(q, kc, vc, kv_indptr, kv_indices, kv_last)
+
+        m = eng.model
+        return m.head(m.hidden_states(ids, self.positions, attn))

@@ -55,6 +55,9 @@ class KVPool:
         shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # per-layer views made once (indexing self.k[layer] is a tensor op per layer per step)
+        self._k_layers = self.k.unbind(0)
+        self._v_layers = self.v.unbind(0)
         self.refcount: List[int] = [0] * num_pages
         self._free: List[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out low ids first
         self._seqs: Dict[int, _Seq] = {}
@@ -64,10 +67,10 @@ class KVPool:
 
     # ------------------------------------------------------------------ views
     def k_cache(self, layer: int) -> torch.Tensor:
-        return self.k[layer]
+        return self._k_layers[layer]
 
     def v_cache(self, layer: int) -> torch.Tensor:
-        return self.v[layer]
+        return self._v_layers[layer]
 
     @property
     def bytes_per_token(self) -> int:
@@ -196,6 +199,25 @@ class KVPool:
         used = self.num_pages - len(free)
         if used > self.peak_pages:
             self.peak_pages = used
+
+    def grow(self, seqs: Sequence[int]) -> None:
+        """One more token for each sequence, in room that is already reserved: the sequence's last page
+        has a free slot and is its own (refcount 1). The decode fast path of the engine calls this for
+        the steps between page boundaries instead of :meth:`reserve`; it raises ValueError (and
+        changes nothing) when a sequence has no such room."""
+        ps = self.page_size
+        rc = self.refcount
+        live = self._seqs
+        try:
+            ss = [live[sid] for sid in seqs]
+        except KeyError as e:
+            raise ValueError(f"ttscale.engine: KVPool has no live sequence {e.args[0]!r}") from None
+        for s in ss:
+            if s.length >= len(s.pages) * ps or rc[s.pages[-1]] != 1:
+                raise ValueError(f"ttscale.engine: KVPool.grow: a sequence has no private free slot "
+                                 f"(length {s.length}, {len(s.pages)} pages); use reserve")
+        for s in ss:
+            s.length += 1
 
     def _copy(self, src: List[int], dst: List[int]) -> None:
         # One copy_pages call for every layer: view [L * P, page, Hkv, D], page p of layer l at l*P + p.

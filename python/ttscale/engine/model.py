@@ -221,6 +221,26 @@ class Transformer(nn.Module):
             cos, sin = cos * self.attention_factor, sin * self.attention_factor
         return cos.to(self.dtype)[:, None, :], sin.to(self.dtype)[:, None, :]
 
+    def _rope_tables(self):
+        """``(cos, signed_sin)`` tables ``[max_position_embeddings, D]`` in the model dtype, built once.
+
+        A decode step of a small model runs ~10 tensor ops to compute its 64 rows of cos/sin; a
+        table lookup is one ``index_select`` each. ``signed_sin`` has the first half negated so that
+        ``rotate_half(x) * sin == roll(x, D/2) * signed_sin`` (rotate_half = ``cat(-x2, x1)``, roll by
+        D/2 = ``cat(x2, x1)``): the rotation becomes one roll + two multiply-adds. Rebuilt when the
+        model's device or dtype changes (``.to()``)."""
+        key = (self.inv_freq.device, self.dtype)
+        tab = getattr(self, "_rope_cache", None)
+        if tab is None or tab[0] != key:
+            pos = torch.arange(self.config.max_position_embeddings, device=self.inv_freq.device)
+            cos, sin = self.rope(pos)
+            cos, sin = cos[:, 0, :].contiguous(), sin[:, 0, :].contiguous()
+            half = self.config.head_dim // 2
+            sin[:, :half].neg_()
+            tab = (key, cos, sin)
+            self._rope_cache = tab
+        return tab[1], tab[2]
+
     def check_ids(self, ids: Sequence[int], name: str = "token ids") -> None:
         v = self.config.vocab_size
         bad = [i for i in ids if not (isinstance(i, int) and 0 <= i < v)]
@@ -230,28 +250,39 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def hidden_states(self, ids: torch.Tensor, positions: torch.Tensor, attn: AttnFn) -> torch.Tensor:
-        """Final hidden states (before the last norm) ``[T, hidden]`` for ragged ``ids [T]``."""
+        """Final hidden states (before the last norm) ``[T, hidden]`` for ragged ``ids [T]``.
+
+        ``positions`` must lie in ``[0, max_position_embeddings)`` (RoPE comes from a table of that
+        size; the engine and ``forward_tokens`` refuse longer sequences).
+
+        Written for small-batch decode, where a step of a small model is dominated by per-op cost,
+        not math: RoPE from cached tables, rotation as roll + multiply-add, plain ``nn.Linear`` called
+        through ``F.linear`` (no module-call machinery), and the two residual adds fused into the
+        output GEMMs (``addmm(x, a, W^T)``) when those linears have no bias. Other linears (e.g.
+        ``QuantLinear``) are called as modules."""
         c = self.config
         hq, hkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         hsz, eps = c.hidden_size, c.rms_norm_eps
         t = ids.shape[0]
         x = F.embedding(ids, self.embed_tokens.weight)
-        cos, sin = self.rope(positions)
+        cos_t, sin_t = self._rope_tables()
+        cos = cos_t.index_select(0, positions)[:, None, :]
+        sin = sin_t.index_select(0, positions)[:, None, :]
         half = d // 2
+        inter = c.intermediate_size
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hsz,), layer.input_layernorm, eps)
-            qkv = layer.qkv_proj(h).view(t, hq + 2 * hkv, d)
+            qkv = _linear(layer.qkv_proj, h).view(t, hq + 2 * hkv, d)
             qk = qkv[:, :hq + hkv]
-            rot = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-            qk = qk * cos + rot * sin
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, hq + hkv:]
             o = attn(li, q, k, v)
-            x = x + layer.o_proj(o.reshape(t, hq * d))
+            x = _linear_residual(layer.o_proj, o.reshape(t, hq * d), x)
             h = F.rms_norm(x, (hsz,), layer.post_attention_layernorm, eps)
-            gu = layer.gate_up_proj(h)
-            g, u = gu.split(c.intermediate_size, dim=-1)
-            x = x + layer.down_proj(F.silu(g) * u)
+            gu = _linear(layer.gate_up_proj, h)
+            g, u = gu.split(inter, dim=-1)
+            x = _linear_residual(layer.down_proj, F.silu(g).mul_(u), x)
         return x
 
     @torch.inference_mode()
@@ -311,6 +342,19 @@ class Transformer(nn.Module):
         return (f"arch={c.architecture}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
                 f"heads={c.num_attention_heads}/{c.num_key_value_heads}x{c.head_dim}, vocab={c.vocab_size}, "
                 f"rope={c.rope_type}")
+
+
+def _linear(lin, x: torch.Tensor) -> torch.Tensor:
+    if type(lin) is nn.Linear:
+        return F.linear(x, lin.weight, lin.bias)
+    return lin(x)
+
+
+def _linear_residual(lin, a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + lin(a)``; one ``addmm`` (the residual as the GEMM's C operand) for a bias-free nn.Linear."""
+    if type(lin) is nn.Linear and lin.bias is None and x.dim() == 2:
+        return torch.addmm(x, a, lin.weight.t())
+    return x + lin(a)
 
 
 def _cumsum(xs):
