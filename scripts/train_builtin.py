@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Train the built-in policy and process reward model (PRM) for the modular-arithmetic task.
 
-Reproduce the shipped weights (2-core CPU, about 15 minutes)::
+Reproduce the shipped weights (two runs: the second continues the first's PRM; commands, seeds
+and measured wall times in ``python/ttscale/data/builtin/README.md`` and ``meta.json``)::
 
-    python scripts/train_builtin.py --out python/ttscale/data/builtin --seed 0
+    python scripts/train_builtin.py --out OUT1 --seed 0
+    python scripts/train_builtin.py --out OUT2 --seed 1 --policy-from OUT1/policy --prm-init OUT1/prm \
+        --prm-steps 500 --prm-lr 0.0015 --warmup 50
 
 Everything is plain torch (autograd, AdamW); no ttscale op and no transformers code is used, and the
 outputs are valid Hugging Face Llama checkpoints (``<out>/policy``: ``LlamaForCausalLM``;
@@ -20,15 +23,37 @@ Pipeline (all randomness from ``--seed``):
    validation problem (default difficulty) is checked; training stops as soon as the accuracy
    reaches ``--stop-acc`` (or after ``--policy-steps``). The policy is deliberately stopped while
    it still makes mistakes, so that search has something to fix.
-2. PRM data. The policy samples ``--prm-samples`` completions per problem for fresh problems; every
-   line gets its exact label (``--prm-label``, below). Synthetic examples are mixed in: gold
-   solutions and gold solutions with one corrupted line (wrong result, wrong operand, wrong left
-   value), continued correctly from the corrupted state.
-3. PRM. Same architecture, initialised from the policy and trained further with BCE on the step
-   labels plus the next-token loss on gold solutions (the LM loss keeps teaching it arithmetic; its
-   LM head is not saved). The PRM therefore knows the arithmetic better than the policy, as a
-   verifier should. Its RNGs are seeded from ``--seed`` independently of phase 1, so
-   ``--policy-from DIR`` (reuse a trained policy, train only the PRM) gives the same PRM as a full run.
+2. PRM data. The policy samples ``--prm-samples`` completions per problem for fresh problems.
+3. PRM. The policy's layers plus ``--prm-extra-layers`` fresh layers on top (HF Llama, just deeper),
+   trained with four losses per step:
+
+   * contrastive pairs on the policy's own prefixes (:func:`contrastive_pair`): the lines the policy
+     wrote up to line ``k``, then line ``k`` right or wrong (often the policy's own wrong line).
+     BCE on line ``k`` only, plus a logistic ranking loss ``-log sigmoid(s_right - s_wrong)``. ``k``
+     is uniform, so at every position half the labels are 1 and half 0: the step's position, which
+     the policy's errors cluster by, predicts nothing, and the pair differs only in the line's
+     arithmetic;
+   * fresh problems whose every line is wrong independently with probability ``q``
+     (:func:`noisy_solution`), BCE on every line: labels independent of position and of earlier
+     errors;
+   * auxiliary targets at each line's ``"\n"`` read from the second-to-last layer (``AUX_NAMES``:
+     the written values, the prompt's operation for this label, the true result, and the three
+     comparisons); the heads are thrown away;
+   * the next-token loss on gold solutions (keeps the arithmetic and the prompt lookup; the LM head
+     is not saved).
+
+   Why the extra layers and the auxiliary targets: the policy never needs to look at a finished
+   line again (after ``"\n"`` it only predicts the next label), so in its layers the ``"\n"``
+   state is almost independent of the line (changing the line's result moves it by ~0.2%), and its
+   saturated attention passes almost no gradient back. Initialised from the policy alone and
+   trained on step labels (the previous recipe), the PRM stayed content-blind: its scores followed
+   the step's position, and pairs differing in one line got identical scores. The fresh layers
+   attend broadly at first, and the auxiliary targets give the ``"\n"`` state a dense reason to
+   gather the line's facts; the step score then learns to compare them (training pair accuracy
+   rises from 0.5 after ~250 steps). The PRM's RNGs are seeded from ``--seed`` independently of
+   phase 1, so ``--policy-from DIR`` (reuse a trained policy, train only the PRM) gives the same PRM
+   as a full run; ``--prm-init DIR`` continues training an earlier PRM (fresh auxiliary heads, the
+   policy's LM head, its own schedule).
 
 PRM semantics (what the shipped checkpoint computes): input ``<bos> + prompt + completion prefix``;
 the score of step ``i`` is ``sigmoid(score . h)`` at the position of the step's final ``"\\n"`` token
@@ -262,34 +287,166 @@ def step_label_example(tok, pr, completion: str, eos: bool, label: str = "step")
     return ids, labels
 
 
+# Auxiliary targets read off each line's final "\n" (training only; the heads are not saved).
+# Why: in the policy's layers the "\n" state ignores the line (see phase 3 in ``train``), and a
+# single right/wrong bit per line is too weak a signal to teach attention where to look: training
+# on it alone stays at chance for hundreds of steps. These targets make the "\n" state gather,
+# through the layers below the last, exactly the facts a checker compares -- the line's written
+# left value, operation, operand and result, the state the previous line left, the operation the
+# prompt gives this label, and the true result of the written operation -- plus the three
+# comparisons themselves; the last layer then only has to AND them into the score.
+AUX_NAMES = ("a", "op", "b", "c", "prev", "true_op", "true_b", "true_c", "a_ok", "opb_ok", "c_ok")
+
+
+def aux_targets(pr, completion: str, n_ids: int, start: int) -> List[List[int]]:
+    """``[n_ids][len(AUX_NAMES)]`` class targets (-100 = none) at each line's final "\n". Values
+    are residues (classes 0..p-1), operations are indices into ``task.OPS``, comparisons 0/1."""
+    p = pr.modulus
+    out = [[-100] * len(AUX_NAMES) for _ in range(n_ids)]
+    pos, state = start - 1, pr.start
+    for i, line in enumerate(task.split_steps(completion)):
+        pos += len(line)
+        if not line.endswith(task.STEP_DELIMITER) or i > len(pr.ops):
+            break
+        row = out[pos]
+        if state is not None:
+            row[4] = state
+        if i == len(pr.ops):
+            m = task._ANSWER_LINE.fullmatch(line[:-1])
+            if m is not None and int(m.group(1)) < p:
+                row[3] = int(m.group(1))
+                if state is not None:
+                    row[10] = int(row[3] == state)
+            break
+        op_i, b_i = pr.ops[i]
+        row[5], row[6] = task.OPS.index(op_i), b_i
+        m = task._OP_LINE.fullmatch(line[:-1])
+        nxt = None
+        if m is not None:
+            a, op, b, c = int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
+            if a < p and b < p and c < p:
+                tc_ = task._apply(a, op, b, p)
+                row[0], row[1], row[2], row[3], row[7] = a, task.OPS.index(op), b, c, tc_
+                if state is not None:
+                    row[8] = int(a == state)
+                row[9] = int((op, b) == (op_i, b_i))
+                row[10] = int(c == tc_)
+                nxt = c
+        state = nxt
+    return out
+
+
+def prm_example(tok, pr, completion: str, label: str):
+    """``(ids, step labels, aux targets)`` of one PRM training sequence (no EOS)."""
+    ids, lab = step_label_example(tok, pr, completion, eos=False, label=label)
+    start = len(ids) - len(tok.encode(completion))
+    return ids, lab, aux_targets(pr, completion, len(ids), start)
+
+
+def _wrong_op_line(pr, i: int, a: int, rng: random.Random, kinds=(0.55, 0.15, 0.15, 0.15)) -> str:
+    """A wrong line ``i`` (an operation line) written after state ``a``. The kinds, drawn with
+    probabilities ``kinds``, mirror how a small policy errs on this task. Measured on the built-in
+    policy, ~95% of its wrong steps copy the operation of ANOTHER label from the prompt (a retrieval
+    error: ``f`` computed with ``e``'s ``*6``) and then compute correctly from it, so that kind
+    dominates; the rest are a random other operation, a wrong result, and a wrong left value
+    (copy error) computed correctly from. Every kind gives a line that ``check_steps`` rejects."""
+    p = pr.modulus
+    op, b = pr.ops[i]
+    u = rng.random()
+    others = [o for o in pr.ops if o != (op, b)]
+    if u < kinds[0] and others:
+        # retrieval error: prefer the neighbouring labels, where attention slips most often
+        near = [pr.ops[j] for j in (i - 1, i + 1) if 0 <= j < len(pr.ops) and pr.ops[j] != (op, b)]
+        op2, b2 = rng.choice(near) if near and rng.random() < 0.5 else rng.choice(others)
+        return f"{task.LABELS[i]}: {a}{op2}{b2}={task._apply(a, op2, b2, p)}\n"
+    u -= kinds[0]
+    if u < kinds[1] or (u < kinds[0] + kinds[1] and not others):
+        op2, b2 = op, b
+        while (op2, b2) == (op, b):
+            op2 = rng.choice(task.OPS)
+            b2 = rng.randint(2 if op2 == "*" else 1, p - 1)
+        return f"{task.LABELS[i]}: {a}{op2}{b2}={task._apply(a, op2, b2, p)}\n"
+    u -= kinds[1]
+    if u < kinds[2]:
+        y = (task._apply(a, op, b, p) + rng.randrange(1, p)) % p
+        return f"{task.LABELS[i]}: {a}{op}{b}={y}\n"
+    a2 = (a + rng.randrange(1, p)) % p
+    return f"{task.LABELS[i]}: {a2}{op}{b}={task._apply(a2, op, b, p)}\n"
+
+
+def _line_result(pr, line: str) -> Optional[int]:
+    """The state a line leaves behind (its written result), None when it is malformed."""
+    m = task._OP_LINE.fullmatch(line.rstrip("\n"))
+    return int(m.group(5)) if m is not None and int(m.group(5)) < pr.modulus else None
+
+
+def _right_line(pr, i: int, a: int) -> str:
+    if i == len(pr.ops):
+        return f"{task.ANSWER_PREFIX}{a}\n"
+    op, b = pr.ops[i]
+    return f"{task.LABELS[i]}: {a}{op}{b}={task._apply(a, op, b, pr.modulus)}\n"
+
+
+def _wrong_line(pr, i: int, a: int, rng: random.Random) -> str:
+    if i == len(pr.ops):
+        return f"{task.ANSWER_PREFIX}{(a + rng.randrange(1, pr.modulus)) % pr.modulus}\n"
+    return _wrong_op_line(pr, i, a, rng)
+
+
+def noisy_solution(pr, rng: random.Random, q: float) -> str:
+    """A solution whose lines are EACH wrong independently with probability ``q`` (answer line
+    included), every line written after the state the previous written line left. With per-step
+    labels (``check_steps``) this makes the label of every line a coin flip independent of its
+    position and of the lines before it, so the only way to predict it is to read the line's own
+    arithmetic against the prompt and the previous line: position and "an earlier step was
+    wrong" carry no information."""
+    lines, x = [], pr.start
+    for i in range(len(pr.ops) + 1):
+        line = _wrong_line(pr, i, x, rng) if rng.random() < q else _right_line(pr, i, x)
+        lines.append(line)
+        if i < len(pr.ops):
+            x = _line_result(pr, line)
+    return "".join(lines)
+
+
+def contrastive_pair(pr, completion: str, rng: random.Random, own_error_p: float = 0.5
+                     ) -> Optional[Tuple[str, str]]:
+    """Two completions that share a prefix (the first ``k`` lines of ``completion``, as written)
+    and differ only in line ``k``: ``(right, wrong)`` with line ``k`` correct resp. incorrect given
+    that prefix. ``k`` is uniform over the lines that have a well-formed prefix, so every position
+    gets as many right as wrong last lines. When ``completion`` (a policy sample) itself errs, with
+    probability ``own_error_p`` ``k`` is its first wrong line and the wrong line is the policy's
+    own (the hardest, most realistic negative). None when no line qualifies."""
+    lines = task.split_steps(completion)
+    flags = task.check_steps(pr, completion)
+    states, x = [pr.start], pr.start      # states[k] = the state before line k
+    for i, line in enumerate(lines[:len(pr.ops)]):
+        x = _line_result(pr, line) if line.endswith("\n") else None
+        if x is None:
+            break
+        states.append(x)
+    n_ok = len(states)                    # lines 0..n_ok-1 have a state to continue from
+    own = [i for i in range(min(n_ok, len(lines))) if not flags[i] and lines[i].endswith("\n")
+           and (i < len(pr.ops) or i == len(pr.ops))]
+    if own and rng.random() < own_error_p:
+        k = own[0]
+        wrong = lines[k]
+    else:
+        k = rng.randrange(min(n_ok, len(pr.ops) + 1))
+        wrong = _wrong_line(pr, k, states[k], rng)
+    prefix = "".join(lines[:k])
+    return prefix + _right_line(pr, k, states[k]), prefix + wrong
+
+
 def corrupt_solution(pr, rng: random.Random) -> str:
     """The gold solution with one line made wrong, continued correctly from the wrong state."""
-    p = pr.modulus
-    n = len(pr.ops)
-    k = rng.randrange(n + 1)
+    k = rng.randrange(len(pr.ops) + 1)
     lines, x = [], pr.start
-    for i, (op, b) in enumerate(pr.ops):
-        a = x
-        if i == k:
-            kind = rng.randrange(3)
-            if kind == 0:      # wrong result
-                y = (task._apply(a, op, b, p) + rng.randrange(1, p)) % p
-            elif kind == 1:    # wrong operand or operator copied from the prompt
-                op2, b2 = op, b
-                while (op2, b2) == (op, b):
-                    op2 = rng.choice(task.OPS)
-                    b2 = rng.randint(2 if op2 == "*" else 1, p - 1)
-                op, b = op2, b2
-                y = task._apply(a, op, b, p)
-            else:              # wrong left value (copy error), computed correctly from it
-                a = (a + rng.randrange(1, p)) % p
-                y = task._apply(a, op, b, p)
-        else:
-            y = task._apply(a, op, b, p)
-        lines.append(f"{task.LABELS[i]}: {a}{op}{b}={y}\n")
-        x = y
-    ans = x if k < n else (x + rng.randrange(1, p)) % p
-    lines.append(f"{task.ANSWER_PREFIX}{ans}\n")
+    for i in range(len(pr.ops) + 1):
+        line = _wrong_line(pr, i, x, rng) if i == k else _right_line(pr, i, x)
+        lines.append(line)
+        if i < len(pr.ops):
+            x = _line_result(pr, line)
     return "".join(lines)
 
 
@@ -442,12 +599,16 @@ class TrainConfig:
     temperature: float = 1.0
     prm_problems: int = 512
     prm_samples: int = 4
-    prm_steps: int = 400
+    prm_steps: int = 800
     prm_lr: float = 3e-3
     prm_lm_weight: float = 1.0
+    prm_rank_weight: float = 1.0    # weight of the pairwise ranking loss on contrastive pairs
+    prm_aux_weight: float = 1.0     # weight of the auxiliary per-line targets (AUX_NAMES)
+    prm_extra_layers: int = 2       # fresh PRM layers on top of the policy's (random init)
     test_problems: int = 200
     test_samples: int = 8
     prm_label: str = "step"         # "step" (each step given the previous lines) or "prefix"
+    prm_init: str = ""             # a PRM checkpoint folder to continue training from (2nd stage)
     policy_from: str = ""          # a policy checkpoint folder: skip phase 1 and train only the PRM
     threads: int = 1               # 1 is much faster than 2 on a busy 2-core machine
 
@@ -607,43 +768,120 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
     rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
     outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.temperature,
                   max_new_tokens=_max_new(prm_probs), generator=gen)
-    data = [step_label_example(tok, p, o, eos=False, label=tc.prm_label) for p, o in zip(rep, outs)]
-    pos = sum(l == 1 for _, lab in data for l in lab)
-    neg = sum(l == 0 for _, lab in data for l in lab)
+    data = list(zip(rep, outs))
+    labelled = [step_label_example(tok, p, o, eos=False, label=tc.prm_label)[1] for p, o in data]
+    pos = sum(l == 1 for lab in labelled for l in lab)
+    neg = sum(l == 0 for lab in labelled for l in lab)
     log(f"prm data: {len(data)} policy samples, step labels +{pos} -{neg} ({time.time() - t0:.0f}s)")
     t_data = time.time() - t0 - t_policy
 
-    # ---- 3. PRM: from the policy weights, BCE on step labels + LM loss on gold solutions
-    prm = Llama(mc)
-    prm.load_state_dict(policy_state)
-    nn.init.zeros_(prm.score.weight)
-    opt = torch.optim.AdamW(prm.parameters(), lr=tc.prm_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    # ---- 3. PRM: from the policy weights (plus tc.prm_extra_layers new layers on top), trained on
+    # three losses per step (see the module docstring): BCE on step labels that position cannot
+    # predict, a pairwise ranking loss on prefixes that differ only in their last line, and the LM
+    # loss on gold solutions
+    pmc = ModelConfig(**{**asdict(mc), "num_hidden_layers": mc.num_hidden_layers + tc.prm_extra_layers})
+    prm = Llama(pmc)
+    prm.load_state_dict(policy_state, strict=False)  # the new layers (if any) keep their init
+    if tc.prm_init:
+        # continue from an earlier PRM (a second training stage: its own schedule, fresh aux heads)
+        loaded, _ = load_checkpoint(tc.prm_init)
+        if asdict(loaded.c) != asdict(pmc):
+            raise ValueError(f"--prm-init {tc.prm_init}: config {asdict(loaded.c)} != {asdict(pmc)}")
+        sd = loaded.state_dict()
+        sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()   # not saved with a PRM: the policy's
+        prm.load_state_dict(sd)
+    # The new layers keep their fresh random init, on purpose: in the policy's own layers the
+    # hidden state at a line's final "\n" is almost independent of the line's content (the policy
+    # only needs it to predict the next label, so its attention there is saturated on positional
+    # cues: changing the line's result moves that state by ~0.2%), and gradients through saturated
+    # softmax attention are too small to undo that. Fresh layers attend broadly at first, so the
+    # score's gradient reaches the line's tokens and the states where the policy predicted them.
+    if not tc.prm_init:
+        nn.init.zeros_(prm.score.weight)
+    # auxiliary heads (see AUX_NAMES) on the output of the second-to-last layer, captured by a hook
+    n_cls = max(tc.modulus, len(task.OPS))
+    aux_head = nn.Sequential(RMSNorm(pmc.hidden_size, pmc.rms_norm_eps), nn.Linear(pmc.hidden_size, len(AUX_NAMES) * n_cls))
+    captured = {}
+    hook = prm.model.layers[-2].register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out))
+    opt = torch.optim.AdamW(list(prm.parameters()) + list(aux_head.parameters()),
+                            lr=tc.prm_lr, betas=(0.9, 0.98), weight_decay=0.01)
     prm.train()
-    half = tc.batch_size // 2
+    n_pairs = max(1, tc.batch_size // 4)
+    n_noisy = max(1, tc.batch_size // 2)
+    pair_acc_run, bce_run, rank_run, aux_run = 0.5, 0.7, 0.7, 2.0
     for step in range(1, tc.prm_steps + 1):
         for g in opt.param_groups:
             g["lr"] = _lr(step - 1, tc.prm_steps, tc.prm_lr, tc.warmup)
-        # half policy samples, half synthetic (one corrupted line or gold), labelled per step
-        batch = [data[rng.randrange(len(data))] for _ in range(half)]
-        syn = task.generate_problems(half, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
-        for p in syn:
-            comp = corrupt_solution(p, rng) if rng.random() < 0.7 else p.solution
-            batch.append(step_label_example(tok, p, comp, eos=False, label=tc.prm_label))
-        ids = pad_right([b[0] for b in batch], tok.pad_token_id)
-        lab = pad_right([b[1] for b in batch], -1, fill=-1)
+        ids_l, lab_l, aux_l, pairs = [], [], [], []
+        # (a) contrastive pairs on the policy's own prefixes: the same lines 0..k-1 as the policy
+        # wrote them, then line k right or wrong. Only line k is labelled, so at every position half
+        # the labels are 1 and half 0, and the pair differs in nothing but the arithmetic of line k.
+        while len(pairs) < n_pairs:
+            p, o = data[rng.randrange(len(data))]
+            pair = contrastive_pair(p, o, rng)
+            if pair is None:
+                continue
+            idx = []
+            for comp in pair:
+                ids, lab, aux = prm_example(tok, p, comp, tc.prm_label)
+                last = max(i for i, l in enumerate(lab) if l >= 0)
+                ids_l.append(ids)
+                aux_l.append(aux)
+                lab_l.append([-1] * last + [lab[last]])
+                idx.append((len(ids_l) - 1, last, lab[last]))
+            if idx[0][2] == 1 and idx[1][2] == 0:   # ranked pair (always, for step labels)
+                pairs.append((idx[0][:2], idx[1][:2]))
+            else:
+                pairs.append(None)
+        # (b) fresh problems whose lines are each wrong with probability q: every line labelled,
+        # labels independent of position and of earlier lines
+        for p in task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus):
+            ids, lab, aux = prm_example(tok, p, noisy_solution(p, rng, rng.uniform(0.2, 0.6)), tc.prm_label)
+            ids_l.append(ids)
+            aux_l.append(aux)
+            lab_l.append(lab)
+        ids = pad_right(ids_l, tok.pad_token_id)
+        lab = pad_right(lab_l, -1, fill=-1)
+        aux_t = pad_right([[0] * len(a) for a in aux_l], -100, fill=-100)[..., None].repeat(1, 1, len(AUX_NAMES))
+        for r, a in enumerate(aux_l):
+            aux_t[r, :len(a)] = torch.tensor(a)
         _, score = prm(ids)
         m = lab >= 0
         bce = F.binary_cross_entropy_with_logits(score[m], lab[m].float())
-        x, y = lm_batch(tok, task.generate_problems(half, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus))
+        aux_logits = aux_head(captured["h"]).view(*ids.shape, len(AUX_NAMES), n_cls)
+        aux = F.cross_entropy(aux_logits.reshape(-1, n_cls), aux_t.reshape(-1), ignore_index=-100)
+        ranked = [pr_ for pr_ in pairs if pr_ is not None]
+        if ranked:
+            s_right = torch.stack([score[i, j] for (i, j), _ in ranked])
+            s_wrong = torch.stack([score[i, j] for _, (i, j) in ranked])
+            # logistic ranking loss: -log sigmoid(s_right - s_wrong) (Bradley-Terry on the pair)
+            rank = F.softplus(s_wrong - s_right).mean()
+            pair_acc = float((s_right > s_wrong).float().mean())
+        else:
+            rank, pair_acc = score.sum() * 0.0, 0.5
+        x, y = lm_batch(tok, task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62),
+                                                    modulus=tc.modulus))
         logits, _ = prm(x)
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-        loss = bce + tc.prm_lm_weight * lm
+        loss = bce + tc.prm_rank_weight * rank + tc.prm_lm_weight * lm + tc.prm_aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(prm.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(prm.parameters()) + list(aux_head.parameters()), 1.0)
         opt.step()
+        # running means for the log (one batch alone is noisy)
+        pair_acc_run = 0.9 * pair_acc_run + 0.1 * pair_acc
+        bce_run = 0.9 * bce_run + 0.1 * bce.item()
+        rank_run = 0.9 * rank_run + 0.1 * rank.item()
+        aux_run = 0.9 * aux_run + 0.1 * aux.item()
         if step % tc.eval_every == 0 or step == tc.prm_steps:
-            log(f"prm step {step} bce {bce.item():.4f} lm {lm.item():.4f} ({time.time() - t0:.0f}s)")
+            with torch.no_grad():   # per-target auxiliary accuracy of this batch, to see what is learnt
+                hit = (aux_logits.argmax(-1) == aux_t).float()
+                cnt = (aux_t != -100).float()
+                per = " ".join(f"{nm}={float(hit[..., j].sum() / cnt[..., j].sum().clamp(min=1)):.2f}"
+                               for j, nm in enumerate(AUX_NAMES))
+            log(f"prm step {step} bce {bce_run:.4f} rank {rank_run:.4f} pair_acc {pair_acc_run:.3f} "
+                f"aux {aux_run:.3f} lm {lm.item():.4f} ({time.time() - t0:.0f}s) [{per}]")
+    hook.remove()
     prm.eval()
     save_checkpoint(prm, tok, os.path.join(out, "prm"), "prm")
     t_prm = time.time() - t0 - t_policy - t_data
@@ -652,7 +890,7 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
     res = evaluate(model, prm, tok, tc, seed=tc.seed + 2_000_003, log=log) if tc.test_problems > 0 else {}
     meta = dict(
         task="ttscale.tasks.modarith", modulus=tc.modulus, seed=tc.seed, train_config=asdict(tc),
-        model_config=asdict(mc), policy_steps_run=policy_steps_run, prm_steps_run=tc.prm_steps,
+        model_config=asdict(mc), prm_model_config=asdict(pmc), policy_steps_run=policy_steps_run, prm_steps_run=tc.prm_steps,
         policy_history=history, prm_data=dict(policy_samples=len(data), positive_steps=pos, negative_steps=neg),
         weights_dtype="float32",
         wall_seconds=dict(policy=round(t_policy, 1), prm_data=round(t_data, 1), prm=round(t_prm, 1),
