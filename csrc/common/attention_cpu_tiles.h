@@ -36,9 +36,11 @@ inline void hsum8(VF a0, VF a1, VF a2, VF a3, VF a4, VF a5, VF a6, VF a7, float*
 #endif
 }
 
-// prefetcht0. On Zen 5 it beat prefetcht2 for paged decode (8192 tokens, H=32/8, D=128, 1 thread,
-// KV from DRAM: 3.8 vs 4.2 ms fp32, 1.7 vs 2.1 ms bf16), with 16-key chunks prefetched 2 chunks ahead
-// (K+V of 2 chunks: 128 KiB fp32, partly spilling from L1 to L2, which is still close).
+// prefetcht0. Measured on Zen 5 for paged decode (8192 tokens, H=32/8, D=128, KV from DRAM): t0 beat
+// t2 (1 thread: 3.9 vs 4.2 ms fp32, 1.7 vs 2.1 ms bf16); with 2 threads the best schedule was 16-key
+// chunks, the next chunk streamed over the current one with the lines spread evenly over the tile
+// kernels' step() calls (fp32 2.1 ms, bf16 1.0 ms; 2 chunks ahead or 32-64-key chunks: 2.2-2.8 ms
+// and 1.1-1.4 ms).
 inline void prefetch(const void* p) {
 #if defined(__GNUC__)
   __builtin_prefetch(p, 0, 3);
@@ -412,6 +414,20 @@ inline void pv_tile_t_bf16dot(float* const* o, const float (*P)[kTileKeys], cons
   }
 }
 #endif  // TTSCALE_CPU_ISA_AVX512BF16
+
+// PrefetchStream::step() calls that qk4 + pv4 of one 4-row tile make over nk keys, per path: a
+// caller spreads the next chunk's lines over them (lines per step = ceil(lines / calls)).
+template <typename T>
+inline int tile_step_calls(int nk, int D) {
+#if defined(TTSCALE_CPU_ISA_AVX512BF16)
+  if (std::is_same<T, bf16_t>::value) return (nk + 3) / 4 + (nk + 1) / 2 * (D / 64);
+#endif
+#if defined(TTSCALE_CPU_ISA_AVX512)
+  return (nk + 3) / 4 + nk * (D / (4 * W));
+#else
+  return (nk + 1) / 2 + nk * (D / (2 * W));
+#endif
+}
 
 // ---- dispatch: the best tile kernel of this ISA for the cache dtype T
 // qf: 4 pre-scaled fp32 query rows; qraw: the same 4 rows as stored (used by the bf16 dot path,

@@ -6,6 +6,7 @@
 #include "common/attention_cpu_tiles.h"
 #include "common/dispatch.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -28,7 +29,7 @@ inline void widen_row(const T* src, float* dst, int D) {
   for (int d = 0; d < D; d += W) store(dst + d, load(src + d));
 }
 
-constexpr int kPrefetchChunks = 2;  // software prefetch distance, in chunks (measured best of 1-4)
+constexpr int kPrefetchChunks = 1;  // software prefetch distance, in chunks (measured best of 1-4)
 
 struct Scratch {
   float* qf;    // [rows][D] scaled queries
@@ -161,12 +162,10 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
         pf.k[j] = reinterpret_cast<const char*>(kc + pages[pi] * p.k_stride_page + off * p.k_stride_tok + it.h_begin * p.k_stride_head);
         pf.v[j] = reinterpret_cast<const char*>(vc + pages[pi] * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head);
       }
-      // step() calls per chunk: per head and row tile, one per 4 keys (QK; 2 on the AVX2/generic
-      // path) and one per key and column pass (PV)
+      // step() calls per chunk: the tile kernels' calls for every head and row tile
       const int64_t lines = (int64_t)pf.n * ((span + 63) / 64);
-      const int64_t pv_passes = D / (W == 16 ? 4 * W : 2 * W);
-      const int64_t calls = nh * n_tiles_h * ((nk + 1) / 2 + pv_passes * nk);
-      pf.per_step = (int)((lines + calls - 1) / (calls > 0 ? calls : 1)) + 1;
+      const int64_t calls = nh * n_tiles_h * tile_step_calls<T>(nk, D);
+      pf.per_step = std::max<int>(1, (int)((lines + calls - 1) / (calls > 0 ? calls : 1)));
     }
     for (int64_t hh = 0; hh < nh; ++hh) {
       if (widen) {

@@ -197,7 +197,8 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
       pf.v[j] = reinterpret_cast<const char*>(vrow[c + j]);
     }
     const int64_t lines = (int64_t)pf.n * ((span + 63) / 64);
-    pf.per_step = (int)((lines + calls - 1) / (calls > 0 ? calls : 1)) + 1;
+    pf.per_step = (int)((lines + calls - 1) / (calls > 0 ? calls : 1));
+    if (pf.per_step < 1) pf.per_step = 1;
   };
   {
     PrefetchStream first;
@@ -212,8 +213,7 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
     const int nk = (int)(nkeys - c0 < kKeyChunk ? nkeys - c0 : kKeyChunk);
     const int nkw = (nk + W - 1) / W * W;
     PrefetchStream pf;
-    const int64_t pv_passes = D / (W == 16 ? 4 * W : 2 * W);
-    stream_rows(pf, c0 + kKeyChunk, (int)(tiles * ((nk + 1) / 2 + pv_passes * nk)));
+    stream_rows(pf, c0 + kKeyChunk, (int)(tiles * tile_step_calls<T>(nk, D)));
     for (int64_t t = 0; t < tiles; ++t) {
       for (int r = 0; r < 4; ++r) {
         const int64_t g = t * 4 + r < group ? t * 4 + r : t * 4;
