@@ -240,6 +240,30 @@ inline void qk_tile4_bf16dot(const bf16_t* const* q, const bf16_t* const* kp, in
   }
 }
 
+// The 4 rows of P (fp32, columns past nk exact zeros up to the next multiple of 16) as bf16, so that
+// (p_j, p_j+1) is one 32-bit word to broadcast.
+inline void p_rows_to_bf16(const float (*P)[kTileKeys], int nk, uint16_t (*pb)[kTileKeys]) {
+  const int nk16 = (nk + 15) / 16 * 16;
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < nk16; j += 16)
+      _mm256_store_si256((__m256i*)(pb[r] + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P[r] + j)));
+}
+
+// c[4r + u] += (p_r,j, p_r,j+1) . x_u for the 4 rows: four value-pair vectors x_u times each row's
+// broadcast weight pair.
+inline void dp_pairs_4rows(__m512* c, const uint16_t (*pb)[kTileKeys], int j, __m512bh x0, __m512bh x1, __m512bh x2,
+                           __m512bh x3) {
+  for (int r = 0; r < 4; ++r) {
+    uint32_t pair;
+    __builtin_memcpy(&pair, pb[r] + j, 4);
+    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
+    c[4 * r] = _mm512_dpbf16_ps(c[4 * r], x0, w);
+    c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], x1, w);
+    c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], x2, w);
+    c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], x3, w);
+  }
+}
+
 // O_r += sum_j P[r][j] v_j on vdpbf16ps for bf16 caches. The dot product runs over pairs of keys:
 // unpack{lo,hi}_epi16(v_j, v_j+1) makes 32-bit (v_j[d], v_j+1[d]) pairs and the weights are the
 // broadcast pair (p_j, p_j+1), rounded to bf16 (as flash attention does on GPUs; relative 2^-9 per
@@ -251,10 +275,7 @@ template <int D>
 inline void pv_tile4_bf16dot(float* const* o, const float (*P)[kTileKeys], const bf16_t* const* vp, int nk,
                              PrefetchStream* pf) {
   alignas(64) uint16_t pb[4][kTileKeys];
-  const int nk16 = (nk + 15) / 16 * 16;  // <= ck: columns nk..ck-1 of P are exact zeros
-  for (int r = 0; r < 4; ++r)
-    for (int j = 0; j < nk16; j += 16)
-      _mm256_store_si256((__m256i*)(pb[r] + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P[r] + j)));
+  p_rows_to_bf16(P, nk, pb);
   const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
   const __m512i to_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   const __m512i from_0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -275,15 +296,7 @@ inline void pv_tile4_bf16dot(float* const* o, const float (*P)[kTileKeys], const
       const __m512i a1 = _mm512_loadu_si512(v0 + 32), b1 = _mm512_loadu_si512(v1 + 32);
       const __m512bh l0 = (__m512bh)_mm512_unpacklo_epi16(a0, b0), h0 = (__m512bh)_mm512_unpackhi_epi16(a0, b0);
       const __m512bh l1 = (__m512bh)_mm512_unpacklo_epi16(a1, b1), h1 = (__m512bh)_mm512_unpackhi_epi16(a1, b1);
-      for (int r = 0; r < 4; ++r) {
-        uint32_t pair;
-        __builtin_memcpy(&pair, pb[r] + j, 4);
-        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
-        c[4 * r] = _mm512_dpbf16_ps(c[4 * r], l0, w);
-        c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], h0, w);
-        c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], l1, w);
-        c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], h1, w);
-      }
+      dp_pairs_4rows(c, pb, j, l0, h0, l1, h1);
     }
     for (int r = 0; r < 4; ++r)
       for (int blk = 0; blk < 2; ++blk) {
@@ -387,10 +400,7 @@ inline void qk_tile_t_bf16dot(const bf16_t* const* qraw, const uint32_t* kT2, in
 template <int D>
 inline void pv_tile_t_bf16dot(float* const* o, const float (*P)[kTileKeys], const uint32_t* vT2, int nk) {
   alignas(64) uint16_t pb[4][kTileKeys];
-  const int nk16 = (nk + 15) / 16 * 16;  // columns nk..nk16-1 of P are exact zeros
-  for (int r = 0; r < 4; ++r)
-    for (int j = 0; j < nk16; j += 16)
-      _mm256_store_si256((__m256i*)(pb[r] + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(P[r] + j)));
+  p_rows_to_bf16(P, nk, pb);
   for (int d = 0; d < D; d += 64) {
     __m512 c[16];
     for (int r = 0; r < 4; ++r)
@@ -399,15 +409,7 @@ inline void pv_tile_t_bf16dot(float* const* o, const float (*P)[kTileKeys], cons
       const uint32_t* vr = vT2 + (j / 2) * D + d;
       const __m512bh x0 = (__m512bh)_mm512_loadu_si512(vr), x1 = (__m512bh)_mm512_loadu_si512(vr + 16);
       const __m512bh x2 = (__m512bh)_mm512_loadu_si512(vr + 32), x3 = (__m512bh)_mm512_loadu_si512(vr + 48);
-      for (int r = 0; r < 4; ++r) {
-        uint32_t pair;
-        __builtin_memcpy(&pair, pb[r] + j, 4);
-        const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pair);
-        c[4 * r] = _mm512_dpbf16_ps(c[4 * r], x0, w);
-        c[4 * r + 1] = _mm512_dpbf16_ps(c[4 * r + 1], x1, w);
-        c[4 * r + 2] = _mm512_dpbf16_ps(c[4 * r + 2], x2, w);
-        c[4 * r + 3] = _mm512_dpbf16_ps(c[4 * r + 3], x3, w);
-      }
+      dp_pairs_4rows(c, pb, j, x0, x1, x2, x3);
     }
     for (int r = 0; r < 4; ++r)
       for (int u = 0; u < 4; ++u) _mm512_storeu_ps(o[r] + d + 16 * u, c[4 * r + u]);
