@@ -23,6 +23,18 @@ namespace {
 
 constexpr int kTileKeys = 64;  // columns of a score tile S[4][kTileKeys]
 
+// Whether this ISA runs caches of dtype T on vdpbf16ps (bf16 on avx512bf16): qk4 then reads the
+// stored queries (qraw) and applies the scale to the sums, pv4 rounds P to bf16, and multi-query
+// callers pack chunks into the pair layouts of pack_chunk_bf16pairs.
+template <typename T>
+constexpr bool bf16_dot() {
+#if defined(TTSCALE_CPU_ISA_AVX512BF16)
+  return std::is_same<T, bf16_t>::value;
+#else
+  return false;
+#endif
+}
+
 // ---- horizontal sums of 8 accumulators: out[i] = hsum(a_i) (AVX2 / generic 2-key tiles)
 inline void hsum8(VF a0, VF a1, VF a2, VF a3, VF a4, VF a5, VF a6, VF a7, float* out) {
 #if defined(TTSCALE_CPU_ISA_AVX2)
@@ -80,6 +92,14 @@ struct PrefetchStream {
     }
   }
   inline void drain() { while (row < n) step(); }
+  // Rewind to the first row and spread the n rows' lines evenly over `calls` step() calls.
+  inline void pace(int64_t calls) {
+    row = 0;
+    off = 0;
+    const int64_t lines = (int64_t)n * ((span + 63) / 64);
+    const int64_t per = (lines + calls - 1) / (calls > 0 ? calls : 1);
+    per_step = per > 1 ? (int)per : 1;
+  }
 };
 
 // S[r][j] = q_r . k_j for 4 rows x nk keys (nk <= kTileKeys), 2 keys at a time: 8 accumulators,
@@ -421,9 +441,7 @@ inline void pv_tile_t_bf16dot(float* const* o, const float (*P)[kTileKeys], cons
 // caller spreads the next chunk's lines over them (lines per step = ceil(lines / calls)).
 template <typename T>
 inline int tile_step_calls(int nk, int D) {
-#if defined(TTSCALE_CPU_ISA_AVX512BF16)
-  if (std::is_same<T, bf16_t>::value) return (nk + 3) / 4 + (nk + 1) / 2 * (D / 64);
-#endif
+  if (bf16_dot<T>()) return (nk + 3) / 4 + (nk + 1) / 2 * (D / 64);
 #if defined(TTSCALE_CPU_ISA_AVX512)
   return (nk + 3) / 4 + nk * (D / (4 * W));
 #else
@@ -440,7 +458,7 @@ inline void qk4(const float* const* qf, const T* const* qraw, const T* const* kp
   (void)qraw;
   (void)scale;
 #if defined(TTSCALE_CPU_ISA_AVX512BF16)
-  if (std::is_same<T, bf16_t>::value) {
+  if (bf16_dot<T>()) {
     qk_tile4_bf16dot<D>(reinterpret_cast<const bf16_t* const*>(qraw), reinterpret_cast<const bf16_t* const*>(kp),
                         nk, scale, S, pf);
     return;
@@ -456,7 +474,7 @@ inline void qk4(const float* const* qf, const T* const* qraw, const T* const* kp
 template <typename T, int D>
 inline void pv4(float* const* o, const float (*P)[kTileKeys], const T* const* vp, int nk, PrefetchStream* pf) {
 #if defined(TTSCALE_CPU_ISA_AVX512BF16)
-  if (std::is_same<T, bf16_t>::value) {
+  if (bf16_dot<T>()) {
     pv_tile4_bf16dot<D>(o, P, reinterpret_cast<const bf16_t* const*>(vp), nk, pf);
     return;
   }

@@ -6,10 +6,8 @@
 #include "common/attention_cpu_tiles.h"
 #include "common/dispatch.h"
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 namespace ttscale {
 namespace cpu {
@@ -33,7 +31,7 @@ constexpr int kPrefetchChunks = 1;  // software prefetch distance, in chunks (me
 
 struct Scratch {
   float* qf;    // [rows][D] scaled queries
-  uint16_t* qb; // [rows][D] the queries as stored (2-byte dtypes: the bf16 dot path reads them)
+  uint16_t* qb; // [rows][D] the queries as stored (filled when bf16_dot<T>(): those kernels read them)
   float* acc;   // [rows + kRowTile][D] output accumulators (+ dummy rows for partial tiles)
   float* m;     // [rows] running max
   float* l;     // [rows] running sum
@@ -94,7 +92,7 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
         const T* qr = qbase + t * p.q_stride_t + ((it.h_begin + hh) * group + g) * p.q_stride_h;
         float* dst = s.qf + r * D;
         for (int d = 0; d < D; ++d) dst[d] = to_float(qr[d]) * p.scale;
-        if (sizeof(T) == 2)
+        if (bf16_dot<T>())
           for (int d = 0; d < D; ++d) s.qb[r * D + d] = reinterpret_cast<const uint16_t*>(qr)[d];
         s.m[r] = -INFINITY;
         s.l[r] = 0.0f;
@@ -106,8 +104,7 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
   const int64_t n_tiles_h = (rows_h + kRowTile - 1) / kRowTile;
   const bool widen = n_tiles_h > 2;
   // bf16 caches on avx512bf16: the widened chunk is packed into vdpbf16ps pair layouts instead
-  const bool pairs = std::is_same<T, bf16_t>::value && W == 16;
-  (void)pairs;
+  constexpr bool pairs = bf16_dot<T>();
   const T* kc = static_cast<const T*>(p.k_cache);
   const T* vc = static_cast<const T*>(p.v_cache);
   const int32_t* pages = p.kv_indices + p.kv_indptr[it.b];
@@ -163,9 +160,7 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
         pf.v[j] = reinterpret_cast<const char*>(vc + pages[pi] * p.v_stride_page + off * p.v_stride_tok + it.h_begin * p.v_stride_head);
       }
       // step() calls per chunk: the tile kernels' calls for every head and row tile
-      const int64_t lines = (int64_t)pf.n * ((span + 63) / 64);
-      const int64_t calls = nh * n_tiles_h * tile_step_calls<T>(nk, D);
-      pf.per_step = std::max<int>(1, (int)((lines + calls - 1) / (calls > 0 ? calls : 1)));
+      pf.pace(nh * n_tiles_h * tile_step_calls<T>(nk, D));
     }
     for (int64_t hh = 0; hh < nh; ++hh) {
       if (widen) {

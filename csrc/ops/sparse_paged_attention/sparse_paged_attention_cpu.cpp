@@ -64,6 +64,16 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
   }
   const T* sc = static_cast<const T*>(s.summaries);
   const int32_t* pages = p.kv_indices + p.kv_indptr[b];
+  // min and max rows of heads [ha, hb) of logical page jj, if it is in range
+  auto prefetch_summary = [&](int64_t jj, int64_t ha, int64_t hb) {
+    if (jj >= j1) return;
+    const char* nb = reinterpret_cast<const char*>(sc + (int64_t)pages[jj] * s.s_stride_page);
+    for (int k = sparse::kMin; k <= sparse::kMax; ++k)
+      for (int64_t h = ha; h < hb; ++h) {
+        const char* row = nb + (k * s.s_stride_kind + h * s.s_stride_head) * (int64_t)sizeof(T);
+        for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) prefetch(row + o);
+      }
+  };
   int64_t j = j0;
 #if defined(TTSCALE_CPU_ISA_AVX512)
   // 4 pages x 4 rows per block: 16 accumulators, per step 8 summary + 8 query loads for 32 FMAs,
@@ -74,14 +84,7 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
     for (int64_t h = h0; h < h1; ++h) {
       // this head's min/max rows of the pages kScoreAhead ahead: a few lines per head and block,
       // so the requests trickle out with the math instead of stalling as one burst
-      for (int pg = 0; pg < 4; ++pg)
-        if (j + pg + kScoreAhead < j1) {
-          const char* nb = reinterpret_cast<const char*>(sc + (int64_t)pages[j + pg + kScoreAhead] * s.s_stride_page);
-          for (int k = sparse::kMin; k <= sparse::kMax; ++k) {
-            const char* row = nb + (k * s.s_stride_kind + h * s.s_stride_head) * (int64_t)sizeof(T);
-            for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) prefetch(row + o);
-          }
-        }
+      for (int pg = 0; pg < 4; ++pg) prefetch_summary(j + pg + kScoreAhead, h, h + 1);
       const T* mn[4];
       const T* mx[4];
       for (int pg = 0; pg < 4; ++pg) {
@@ -117,14 +120,7 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
 #endif
   for (; j < j1; ++j) {
     const T* base = sc + (int64_t)pages[j] * s.s_stride_page;
-    if (j + kScoreAhead < j1) {  // pages are scattered: prefetch the rows kScoreAhead pages ahead
-      const char* nb = reinterpret_cast<const char*>(sc + (int64_t)pages[j + kScoreAhead] * s.s_stride_page);
-      for (int k = sparse::kMin; k <= sparse::kMax; ++k)
-        for (int64_t h = h0; h < h1; ++h) {
-          const char* row = nb + (k * s.s_stride_kind + h * s.s_stride_head) * (int64_t)sizeof(T);
-          for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) prefetch(row + o);
-        }
-    }
+    prefetch_summary(j + kScoreAhead, h0, h1);  // pages are scattered: kScoreAhead pages ahead
     for (int64_t h = h0; h < h1; ++h) {
       const T* mn = base + sparse::kMin * s.s_stride_kind + h * s.s_stride_head;
       const T* mx = base + sparse::kMax * s.s_stride_kind + h * s.s_stride_head;
@@ -189,16 +185,12 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
   const int64_t span = D * (int64_t)sizeof(T);
   auto stream_rows = [&](PrefetchStream& pf, int64_t c, int calls) {
     pf.n = (int)(nkeys - c < kKeyChunk ? (nkeys - c > 0 ? nkeys - c : 0) : kKeyChunk);
-    pf.row = 0;
-    pf.off = 0;
     pf.span = span;
     for (int j = 0; j < pf.n; ++j) {
       pf.k[j] = reinterpret_cast<const char*>(krow[c + j]);
       pf.v[j] = reinterpret_cast<const char*>(vrow[c + j]);
     }
-    const int64_t lines = (int64_t)pf.n * ((span + 63) / 64);
-    pf.per_step = (int)((lines + calls - 1) / (calls > 0 ? calls : 1));
-    if (pf.per_step < 1) pf.per_step = 1;
+    pf.pace(calls);
   };
   {
     PrefetchStream first;
@@ -236,7 +228,7 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
           const VF va = set1(alpha);
           for (int d = 0; d < D; d += W) store(orow[r] + d, mul(load(orow[r] + d), va));
         }
-        for (int j = nk; j < nkw; ++j) sr[j] = -INFINITY;  // exp -> 0
+        for (int j = nk; j < nkw; ++j) sr[j] = -INFINITY;  // exp -> 0 (the bf16 PV kernel reads P to a multiple of 16 = W)
         const VF vm = set1(os.m);
         VF sum = set1(0.0f);
         for (int j = 0; j < nkw; j += W) {
@@ -248,9 +240,6 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
         m[t * 4 + r] = os.m;
         l[t * 4 + r] = os.l;
       }
-      // the bf16 PV kernel converts P in blocks of 16 columns: zero the columns past nk
-      for (int r = 0; r < 4; ++r)
-        for (int j = nkw; j < (nk + 15) / 16 * 16; ++j) S[r][j] = 0.0f;
       pv4<T, D>(orow, S, vrow.data() + c0, nk, &pf);
     }
     pf.drain();
