@@ -86,10 +86,11 @@ def llc_bytes(device: str = "cpu") -> int:
     return best or 32 * 2**20
 
 
-def copies_to_defeat_cache(nbytes: int, device: str = "cpu") -> int:
+def copies_to_defeat_cache(nbytes: int, device: str = "cpu", factor: int = 3, minimum: int = 1) -> int:
     """How many copies of an `nbytes` working set to rotate over so that each call reads from memory,
-    not from a cache the previous calls warmed (working set x copies >= 3x the last-level cache)."""
-    return max(1, -(-3 * llc_bytes(device) // max(int(nbytes), 1)))
+    not from a cache the previous calls warmed (working set x copies >= factor x the last-level
+    cache), and at least `minimum`."""
+    return max(minimum, -(-factor * llc_bytes(device) // max(int(nbytes), 1)))
 
 
 def ceilings(device: str, quick: bool = False) -> dict:

@@ -31,26 +31,12 @@ import torch.nn.functional as F
 from . import harness
 
 
-def _llc_bytes() -> int:
-    """Size of the largest CPU cache (sysfs), 32 MiB if unknown."""
-    import glob
-
-    best = 0
-    for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        try:
-            t = open(f).read().strip()
-            best = max(best, int(t[:-1]) * {"K": 1 << 10, "M": 1 << 20}.get(t[-1], 1) if t[-1] in "KM" else int(t))
-        except (OSError, ValueError):
-            pass
-    return best or 32 << 20
-
-
 def _copies_for(nbytes: int, copies) -> int:
     """Weight copies to cycle through: enough that their total is >= 4x the LLC (so a cyclic walk
     always misses it, LRU or not), unless ``copies`` forces a number (1 = cache-resident)."""
     if copies:
         return int(copies)
-    return max(2, -(-4 * _llc_bytes() // max(1, nbytes)))
+    return harness.copies_to_defeat_cache(nbytes, "cpu", factor=4, minimum=2)
 
 
 def _read_ceiling(device: str, ceil: dict, quick: bool) -> dict:
