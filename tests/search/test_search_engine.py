@@ -72,3 +72,21 @@ def test_strategy_on_engine(setup, cls, strategy):
         assert all(0.0 <= s <= 1.0 for s in c.step_scores)
         if c.finished and c.answer is not None:
             assert str(tasks.extract_answer(c.text)) == c.answer
+
+
+@pytest.mark.parametrize("strategy", [BeamSearch(2), Rebase(), ParticleFilter()], ids=["beam", "rebase", "pf"])
+def test_prm_kv_cache_gives_the_same_search_for_fewer_prm_tokens(setup, strategy):
+    """The prefix-cached PRM (default) scores like a full re-read of every sequence (same results,
+    step scores within float rounding) and runs fewer tokens; its pool is empty after begin_search."""
+    engine, kw, prm = setup
+    full = PRMVerifier(prm.model, engine.tokenizer, step_delimiter=tasks.STEP_DELIMITER, kv_cache=False)
+    assert prm.scorer is not None and full.scorer is None
+    problem = tasks.generate_problems(1, seed=1_000_033)[0]
+    a = strategy.run(EngineGenerator(engine, **kw), problem.prompt, Budget(n=6), prm, seed=3)
+    b = strategy.run(EngineGenerator(engine, **kw), problem.prompt, Budget(n=6), full, seed=3)
+    assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
+    for ca, cb in zip(a.candidates, b.candidates):
+        assert ca.step_scores == pytest.approx(cb.step_scores, abs=1e-5)
+    assert 0 < a.meter.verifier_tokens < b.meter.verifier_tokens
+    prm.begin_search()
+    assert prm.scorer.pool.num_used == 0

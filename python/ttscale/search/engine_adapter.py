@@ -349,13 +349,19 @@ class ReprefillGenerator(EngineGenerator):
 class PRMVerifier(Verifier):
     """Process reward model over a generator's nodes: a step's score is ``sigmoid`` of the PRM's
     scalar at the step's last token (the delimiter; for a final step without one, its last non-EOS
-    token). The PRM reads each scored sequence in full (no KV cache of its own), so verifier tokens
-    are the sequence lengths; within one search, scores are cached per token sequence (re-scoring a
-    node that did not change is free; the cache is dropped when the next search starts)."""
+    token).
+
+    With ``kv_cache=True`` (default) the PRM keeps the paged KV of every sequence it scored in a
+    :class:`ttscale.engine.PrefixScorer` and runs only the tokens after the longest scored prefix
+    (the prompt, or the parent's steps): a search depth costs the PRM its new steps, not every
+    candidate's whole text again. ``kv_cache=False`` reads each scored sequence in full
+    (``forward_tokens``). Verifier tokens count the tokens the PRM actually ran. Within one search,
+    scores are cached per token sequence; both caches are dropped when the next search starts."""
     kind = "prm"
 
     def __init__(self, model: Any, tokenizer: Any, *, step_delimiter: str = "\n", aggregate: str = "last",
-                 batch_size: int = 32, n_params: Optional[float] = None) -> None:
+                 batch_size: int = 32, n_params: Optional[float] = None, kv_cache: bool = True,
+                 kv_budget_bytes: int = 64 * 2**20) -> None:
         super().__init__(aggregate)
         ids = tokenizer.encode(step_delimiter)
         if len(ids) != 1:
@@ -371,9 +377,16 @@ class PRMVerifier(Verifier):
                 n_params = 0.0
         self.flops_per_token = 2.0 * n_params
         self._cache: Dict[tuple, List[float]] = {}
+        self.scorer = None
+        if kv_cache:
+            from ttscale.engine import PrefixScorer, Transformer
+            if isinstance(model, Transformer):
+                self.scorer = PrefixScorer(model, kv_budget_bytes=kv_budget_bytes)
 
     def begin_search(self) -> None:
         self._cache.clear()
+        if self.scorer is not None:
+            self.scorer.clear()
 
     def step_positions(self, toks: Sequence[int], prompt_len: int) -> List[int]:
         end = len(toks)
@@ -388,19 +401,31 @@ class PRMVerifier(Verifier):
         import torch
 
         seqs = [tuple(gen.tokens(x)) for x in nodes]
-        plens = [gen.prompt_len(x) for x in nodes]
+        plen_of = dict(zip(seqs, (gen.prompt_len(x) for x in nodes)))
         todo = sorted({s for s in seqs if s not in self._cache}, key=len)
+        if self.scorer is not None and todo:
+            # the prompts first (usually one): every candidate then starts from a cached prefix
+            run0 = self.scorer.tokens_run
+            self.scorer.score(sorted({s[:plen_of[s]] for s in todo if plen_of[s] > 0}))
+            self._stats.tokens += self.scorer.tokens_run - run0
+            self._stats.flops += self.flops_per_token * (self.scorer.tokens_run - run0)
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b:b + self.batch_size]
             # only the tokens up to the last scored position are needed
-            plen_of = dict(zip(seqs, plens))
             poss = [self.step_positions(s, plen_of[s]) for s in batch]
             ins = [list(s[:(p[-1] + 1 if p else 1)]) for s, p in zip(batch, poss)]
-            with torch.no_grad():
-                outs = self.model.forward_tokens(ins)
+            if self.scorer is not None:
+                run0 = self.scorer.tokens_run
+                # a cached prefix ends at the prompt or right after a scored step
+                outs = self.scorer.score(ins, [[plen_of[s]] + [q + 1 for q in p] for s, p in zip(batch, poss)])
+                ran = self.scorer.tokens_run - run0
+            else:
+                with torch.no_grad():
+                    outs = self.model.forward_tokens(ins)
+                ran = sum(len(i) for i in ins)
             for s, p, o, i in zip(batch, poss, outs, ins):
                 o = o.reshape(len(i), -1)[:, 0].double()
                 self._cache[s] = torch.sigmoid(o[p]).tolist() if p else []
-                self._stats.tokens += len(i)
-                self._stats.flops += self.flops_per_token * len(i)
+            self._stats.tokens += ran
+            self._stats.flops += self.flops_per_token * ran
         return [list(self._cache[s]) for s in seqs]
