@@ -107,7 +107,9 @@ class ModelConfig:
     num_attention_heads: int = 2
     num_key_value_heads: int = 1
     head_dim: int = 64
-    max_position_embeddings: int = 256
+    # RoPE has no learned positions, so this only bounds the sequences a user may run (the task's
+    # sequences are < 200 tokens); 512 leaves room for a few-hundred-token prompt + 64 new tokens
+    max_position_embeddings: int = 512
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
 
@@ -590,6 +592,7 @@ class TrainConfig:
     warmup: int = 100
     policy_steps: int = 600        # upper bound; the accuracy stop usually ends it earlier
     stop_acc: float = 0.40          # stop the policy once one sample is right this often
+    policy_schedule: str = "cosine"  # policy LR after warmup: "cosine" (to 0) or "constant"
     eval_every: int = 50
     eval_problems: int = 128
     min_difficulty: int = 2
@@ -608,9 +611,12 @@ class TrainConfig:
     test_problems: int = 200
     test_samples: int = 8
     prm_label: str = "step"         # "step" (each step given the previous lines) or "prefix"
-    prm_init: str = ""             # a PRM checkpoint folder to continue training from (2nd stage)
+    prm2_steps: int = 500           # PRM stage 2 (0: none): continues stage 1 on fresh samples
+    prm2_lr: float = 1.5e-3
+    prm2_warmup: int = 50
+    prm_init: str = ""             # a PRM checkpoint folder to start stage 1 from
     policy_from: str = ""          # a policy checkpoint folder: skip phase 1 and train only the PRM
-    threads: int = 1               # 1 is much faster than 2 on a busy 2-core machine
+    threads: int = 2               # 2 on an idle 2-core machine (1.6x faster than 1); 1 when it is busy
 
 
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -705,9 +711,15 @@ def _train_policy(model, tok, tc, rng, gen, val, diff, history, t0, log) -> int:
     model.train()
     step = 0
     for step in range(1, tc.policy_steps + 1):
-        # constant LR after warmup: the stop is by accuracy, so no schedule end to aim at
+        # warmup, then cosine to 0 at policy_steps ("cosine"), or constant ("constant", the recipe
+        # of the first releases). With a constant 3e-3 the held-out accuracy swung by +-0.1 between
+        # evaluations 50 steps apart, so where the run ended decided the policy's quality; the
+        # decayed schedule ends on a settled model.
         for g in opt.param_groups:
-            g["lr"] = tc.lr * min(1.0, step / tc.warmup)
+            if tc.policy_schedule == "cosine":
+                g["lr"] = _lr(step - 1, tc.policy_steps, tc.lr, tc.warmup)
+            else:
+                g["lr"] = tc.lr * min(1.0, step / tc.warmup)
         probs = task.generate_problems(tc.batch_size, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
         x, y = lm_batch(tok, probs)
         logits, _ = model(x)
@@ -726,6 +738,8 @@ def _train_policy(model, tok, tc, rng, gen, val, diff, history, t0, log) -> int:
 
 
 def train(tc: TrainConfig, out: str, log=print) -> Dict:
+    if tc.policy_schedule not in ("cosine", "constant"):
+        raise ValueError(f"--policy-schedule must be 'cosine' or 'constant', got {tc.policy_schedule!r}")
     t0 = time.time()
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -760,129 +774,145 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
     save_checkpoint(model, tok, os.path.join(out, "policy"), "policy")
     policy_state = {k: v.clone() for k, v in model.state_dict().items()}
     t_policy = time.time() - t0
-    rng = random.Random(tc.seed + 7)
-    gen = torch.Generator().manual_seed(tc.seed + 7)
-
-    # ---- 2. PRM data: policy samples labelled exactly, plus synthetic corruptions
-    prm_probs = task.generate_problems(tc.prm_problems, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
-    rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
-    outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.temperature,
-                  max_new_tokens=_max_new(prm_probs), generator=gen)
-    data = list(zip(rep, outs))
-    labelled = [step_label_example(tok, p, o, eos=False, label=tc.prm_label)[1] for p, o in data]
-    pos = sum(l == 1 for lab in labelled for l in lab)
-    neg = sum(l == 0 for lab in labelled for l in lab)
-    log(f"prm data: {len(data)} policy samples, step labels +{pos} -{neg} ({time.time() - t0:.0f}s)")
-    t_data = time.time() - t0 - t_policy
-
-    # ---- 3. PRM: from the policy weights (plus tc.prm_extra_layers new layers on top), trained on
-    # three losses per step (see the module docstring): BCE on step labels that position cannot
-    # predict, a pairwise ranking loss on prefixes that differ only in their last line, and the LM
-    # loss on gold solutions
+    # PRM stages: (seed, steps, lr, warmup). Stage 2 (``--prm2-steps``) continues stage 1's PRM on
+    # fresh policy samples with a lower learning rate and its own schedule, all in this one run.
     pmc = ModelConfig(**{**asdict(mc), "num_hidden_layers": mc.num_hidden_layers + tc.prm_extra_layers})
-    prm = Llama(pmc)
-    prm.load_state_dict(policy_state, strict=False)  # the new layers (if any) keep their init
-    if tc.prm_init:
-        # continue from an earlier PRM (a second training stage: its own schedule, fresh aux heads)
-        loaded, _ = load_checkpoint(tc.prm_init)
-        if asdict(loaded.c) != asdict(pmc):
-            raise ValueError(f"--prm-init {tc.prm_init}: config {asdict(loaded.c)} != {asdict(pmc)}")
-        sd = loaded.state_dict()
-        sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()   # not saved with a PRM: the policy's
-        prm.load_state_dict(sd)
-    # The new layers keep their fresh random init, on purpose: in the policy's own layers the
-    # hidden state at a line's final "\n" is almost independent of the line's content (the policy
-    # only needs it to predict the next label, so its attention there is saturated on positional
-    # cues: changing the line's result moves that state by ~0.2%), and gradients through saturated
-    # softmax attention are too small to undo that. Fresh layers attend broadly at first, so the
-    # score's gradient reaches the line's tokens and the states where the policy predicted them.
-    if not tc.prm_init:
-        nn.init.zeros_(prm.score.weight)
-    # auxiliary heads (see AUX_NAMES) on the output of the second-to-last layer, captured by a hook
-    n_cls = max(tc.modulus, len(task.OPS))
-    aux_head = nn.Sequential(RMSNorm(pmc.hidden_size, pmc.rms_norm_eps), nn.Linear(pmc.hidden_size, len(AUX_NAMES) * n_cls))
-    captured = {}
-    hook = prm.model.layers[-2].register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out))
-    opt = torch.optim.AdamW(list(prm.parameters()) + list(aux_head.parameters()),
-                            lr=tc.prm_lr, betas=(0.9, 0.98), weight_decay=0.01)
-    prm.train()
-    n_pairs = max(1, tc.batch_size // 4)
-    n_noisy = max(1, tc.batch_size // 2)
-    pair_acc_run, bce_run, rank_run, aux_run = 0.5, 0.7, 0.7, 2.0
-    for step in range(1, tc.prm_steps + 1):
-        for g in opt.param_groups:
-            g["lr"] = _lr(step - 1, tc.prm_steps, tc.prm_lr, tc.warmup)
-        ids_l, lab_l, aux_l, pairs = [], [], [], []
-        # (a) contrastive pairs on the policy's own prefixes: the same lines 0..k-1 as the policy
-        # wrote them, then line k right or wrong. Only line k is labelled, so at every position half
-        # the labels are 1 and half 0, and the pair differs in nothing but the arithmetic of line k.
-        while len(pairs) < n_pairs:
-            p, o = data[rng.randrange(len(data))]
-            pair = contrastive_pair(p, o, rng)
-            if pair is None:
-                continue
-            idx = []
-            for comp in pair:
-                ids, lab, aux = prm_example(tok, p, comp, tc.prm_label)
-                last = max(i for i, l in enumerate(lab) if l >= 0)
+    stages = [(tc.seed, tc.prm_steps, tc.prm_lr, tc.warmup)]
+    if tc.prm2_steps > 0:
+        stages.append((tc.seed + 1, tc.prm2_steps, tc.prm2_lr, tc.prm2_warmup))
+    prm, t_data, pos, neg, n_data = None, 0.0, 0, 0, 0
+    for si, (s_seed, s_steps, s_lr, s_warm) in enumerate(stages):
+        t_d0 = time.time()
+        rng = random.Random(s_seed + 7)
+        gen = torch.Generator().manual_seed(s_seed + 7)
+
+        # ---- 2. PRM data: policy samples labelled exactly, plus synthetic corruptions
+        prm_probs = task.generate_problems(tc.prm_problems, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
+        rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
+        outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.temperature,
+                      max_new_tokens=_max_new(prm_probs), generator=gen)
+        data = list(zip(rep, outs))
+        labelled = [step_label_example(tok, p, o, eos=False, label=tc.prm_label)[1] for p, o in data]
+        pos_s = sum(l == 1 for lab in labelled for l in lab)
+        neg_s = sum(l == 0 for lab in labelled for l in lab)
+        pos, neg, n_data = pos + pos_s, neg + neg_s, n_data + len(data)
+        log(f"prm stage {si + 1} data: {len(data)} policy samples, step labels +{pos_s} -{neg_s} ({time.time() - t0:.0f}s)")
+        t_data += time.time() - t_d0
+
+        # ---- 3. PRM: from the policy weights (plus tc.prm_extra_layers new layers on top), trained on
+        # three losses per step (see the module docstring): BCE on step labels that position cannot
+        # predict, a pairwise ranking loss on prefixes that differ only in their last line, and the LM
+        # loss on gold solutions
+        prev = prm if si > 0 else None
+        prm = Llama(pmc)
+        prm.load_state_dict(policy_state, strict=False)  # the new layers (if any) keep their init
+        if prev is not None:
+            # stage 2+: continue from the previous stage's PRM (its own schedule, fresh aux heads and
+            # optimizer, fresh data), as a second run with --prm-init would
+            sd = prev.state_dict()
+            sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()
+            prm.load_state_dict(sd)
+        elif tc.prm_init:
+            # continue from an earlier PRM (a second training stage: its own schedule, fresh aux heads)
+            loaded, _ = load_checkpoint(tc.prm_init)
+            if asdict(loaded.c) != asdict(pmc):
+                raise ValueError(f"--prm-init {tc.prm_init}: config {asdict(loaded.c)} != {asdict(pmc)}")
+            sd = loaded.state_dict()
+            sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()   # not saved with a PRM: the policy's
+            prm.load_state_dict(sd)
+        # The new layers keep their fresh random init, on purpose: in the policy's own layers the
+        # hidden state at a line's final "\n" is almost independent of the line's content (the policy
+        # only needs it to predict the next label, so its attention there is saturated on positional
+        # cues: changing the line's result moves that state by ~0.2%), and gradients through saturated
+        # softmax attention are too small to undo that. Fresh layers attend broadly at first, so the
+        # score's gradient reaches the line's tokens and the states where the policy predicted them.
+        if si == 0 and not tc.prm_init:
+            nn.init.zeros_(prm.score.weight)
+        # auxiliary heads (see AUX_NAMES) on the output of the second-to-last layer, captured by a hook
+        n_cls = max(tc.modulus, len(task.OPS))
+        aux_head = nn.Sequential(RMSNorm(pmc.hidden_size, pmc.rms_norm_eps), nn.Linear(pmc.hidden_size, len(AUX_NAMES) * n_cls))
+        captured = {}
+        hook = prm.model.layers[-2].register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out))
+        opt = torch.optim.AdamW(list(prm.parameters()) + list(aux_head.parameters()),
+                                lr=s_lr, betas=(0.9, 0.98), weight_decay=0.01)
+        prm.train()
+        n_pairs = max(1, tc.batch_size // 4)
+        n_noisy = max(1, tc.batch_size // 2)
+        pair_acc_run, bce_run, rank_run, aux_run = 0.5, 0.7, 0.7, 2.0
+        for step in range(1, s_steps + 1):
+            for g in opt.param_groups:
+                g["lr"] = _lr(step - 1, s_steps, s_lr, s_warm)
+            ids_l, lab_l, aux_l, pairs = [], [], [], []
+            # (a) contrastive pairs on the policy's own prefixes: the same lines 0..k-1 as the policy
+            # wrote them, then line k right or wrong. Only line k is labelled, so at every position half
+            # the labels are 1 and half 0, and the pair differs in nothing but the arithmetic of line k.
+            while len(pairs) < n_pairs:
+                p, o = data[rng.randrange(len(data))]
+                pair = contrastive_pair(p, o, rng)
+                if pair is None:
+                    continue
+                idx = []
+                for comp in pair:
+                    ids, lab, aux = prm_example(tok, p, comp, tc.prm_label)
+                    last = max(i for i, l in enumerate(lab) if l >= 0)
+                    ids_l.append(ids)
+                    aux_l.append(aux)
+                    lab_l.append([-1] * last + [lab[last]])
+                    idx.append((len(ids_l) - 1, last, lab[last]))
+                if idx[0][2] == 1 and idx[1][2] == 0:   # ranked pair (always, for step labels)
+                    pairs.append((idx[0][:2], idx[1][:2]))
+                else:
+                    pairs.append(None)
+            # (b) fresh problems whose lines are each wrong with probability q: every line labelled,
+            # labels independent of position and of earlier lines
+            for p in task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus):
+                ids, lab, aux = prm_example(tok, p, noisy_solution(p, rng, rng.uniform(0.2, 0.6)), tc.prm_label)
                 ids_l.append(ids)
                 aux_l.append(aux)
-                lab_l.append([-1] * last + [lab[last]])
-                idx.append((len(ids_l) - 1, last, lab[last]))
-            if idx[0][2] == 1 and idx[1][2] == 0:   # ranked pair (always, for step labels)
-                pairs.append((idx[0][:2], idx[1][:2]))
+                lab_l.append(lab)
+            ids = pad_right(ids_l, tok.pad_token_id)
+            lab = pad_right(lab_l, -1, fill=-1)
+            aux_t = pad_right([[0] * len(a) for a in aux_l], -100, fill=-100)[..., None].repeat(1, 1, len(AUX_NAMES))
+            for r, a in enumerate(aux_l):
+                aux_t[r, :len(a)] = torch.tensor(a)
+            _, score = prm(ids)
+            m = lab >= 0
+            bce = F.binary_cross_entropy_with_logits(score[m], lab[m].float())
+            aux_logits = aux_head(captured["h"]).view(*ids.shape, len(AUX_NAMES), n_cls)
+            aux = F.cross_entropy(aux_logits.reshape(-1, n_cls), aux_t.reshape(-1), ignore_index=-100)
+            ranked = [pr_ for pr_ in pairs if pr_ is not None]
+            if ranked:
+                s_right = torch.stack([score[i, j] for (i, j), _ in ranked])
+                s_wrong = torch.stack([score[i, j] for _, (i, j) in ranked])
+                # logistic ranking loss: -log sigmoid(s_right - s_wrong) (Bradley-Terry on the pair)
+                rank = F.softplus(s_wrong - s_right).mean()
+                pair_acc = float((s_right > s_wrong).float().mean())
             else:
-                pairs.append(None)
-        # (b) fresh problems whose lines are each wrong with probability q: every line labelled,
-        # labels independent of position and of earlier lines
-        for p in task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus):
-            ids, lab, aux = prm_example(tok, p, noisy_solution(p, rng, rng.uniform(0.2, 0.6)), tc.prm_label)
-            ids_l.append(ids)
-            aux_l.append(aux)
-            lab_l.append(lab)
-        ids = pad_right(ids_l, tok.pad_token_id)
-        lab = pad_right(lab_l, -1, fill=-1)
-        aux_t = pad_right([[0] * len(a) for a in aux_l], -100, fill=-100)[..., None].repeat(1, 1, len(AUX_NAMES))
-        for r, a in enumerate(aux_l):
-            aux_t[r, :len(a)] = torch.tensor(a)
-        _, score = prm(ids)
-        m = lab >= 0
-        bce = F.binary_cross_entropy_with_logits(score[m], lab[m].float())
-        aux_logits = aux_head(captured["h"]).view(*ids.shape, len(AUX_NAMES), n_cls)
-        aux = F.cross_entropy(aux_logits.reshape(-1, n_cls), aux_t.reshape(-1), ignore_index=-100)
-        ranked = [pr_ for pr_ in pairs if pr_ is not None]
-        if ranked:
-            s_right = torch.stack([score[i, j] for (i, j), _ in ranked])
-            s_wrong = torch.stack([score[i, j] for _, (i, j) in ranked])
-            # logistic ranking loss: -log sigmoid(s_right - s_wrong) (Bradley-Terry on the pair)
-            rank = F.softplus(s_wrong - s_right).mean()
-            pair_acc = float((s_right > s_wrong).float().mean())
-        else:
-            rank, pair_acc = score.sum() * 0.0, 0.5
-        x, y = lm_batch(tok, task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62),
-                                                    modulus=tc.modulus))
-        logits, _ = prm(x)
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-        loss = bce + tc.prm_rank_weight * rank + tc.prm_lm_weight * lm + tc.prm_aux_weight * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(prm.parameters()) + list(aux_head.parameters()), 1.0)
-        opt.step()
-        # running means for the log (one batch alone is noisy)
-        pair_acc_run = 0.9 * pair_acc_run + 0.1 * pair_acc
-        bce_run = 0.9 * bce_run + 0.1 * bce.item()
-        rank_run = 0.9 * rank_run + 0.1 * rank.item()
-        aux_run = 0.9 * aux_run + 0.1 * aux.item()
-        if step % tc.eval_every == 0 or step == tc.prm_steps:
-            with torch.no_grad():   # per-target auxiliary accuracy of this batch, to see what is learnt
-                hit = (aux_logits.argmax(-1) == aux_t).float()
-                cnt = (aux_t != -100).float()
-                per = " ".join(f"{nm}={float(hit[..., j].sum() / cnt[..., j].sum().clamp(min=1)):.2f}"
-                               for j, nm in enumerate(AUX_NAMES))
-            log(f"prm step {step} bce {bce_run:.4f} rank {rank_run:.4f} pair_acc {pair_acc_run:.3f} "
-                f"aux {aux_run:.3f} lm {lm.item():.4f} ({time.time() - t0:.0f}s) [{per}]")
-    hook.remove()
-    prm.eval()
+                rank, pair_acc = score.sum() * 0.0, 0.5
+            x, y = lm_batch(tok, task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62),
+                                                        modulus=tc.modulus))
+            logits, _ = prm(x)
+            lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+            loss = bce + tc.prm_rank_weight * rank + tc.prm_lm_weight * lm + tc.prm_aux_weight * aux
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(prm.parameters()) + list(aux_head.parameters()), 1.0)
+            opt.step()
+            # running means for the log (one batch alone is noisy)
+            pair_acc_run = 0.9 * pair_acc_run + 0.1 * pair_acc
+            bce_run = 0.9 * bce_run + 0.1 * bce.item()
+            rank_run = 0.9 * rank_run + 0.1 * rank.item()
+            aux_run = 0.9 * aux_run + 0.1 * aux.item()
+            if step % tc.eval_every == 0 or step == s_steps:
+                with torch.no_grad():   # per-target auxiliary accuracy of this batch, to see what is learnt
+                    hit = (aux_logits.argmax(-1) == aux_t).float()
+                    cnt = (aux_t != -100).float()
+                    per = " ".join(f"{nm}={float(hit[..., j].sum() / cnt[..., j].sum().clamp(min=1)):.2f}"
+                                   for j, nm in enumerate(AUX_NAMES))
+                log(f"prm stage {si + 1} step {step} bce {bce_run:.4f} rank {rank_run:.4f} pair_acc {pair_acc_run:.3f} "
+                    f"aux {aux_run:.3f} lm {lm.item():.4f} ({time.time() - t0:.0f}s) [{per}]")
+        hook.remove()
+        prm.eval()
     save_checkpoint(prm, tok, os.path.join(out, "prm"), "prm")
     t_prm = time.time() - t0 - t_policy - t_data
 
@@ -890,8 +920,8 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
     res = evaluate(model, prm, tok, tc, seed=tc.seed + 2_000_003, log=log) if tc.test_problems > 0 else {}
     meta = dict(
         task="ttscale.tasks.modarith", modulus=tc.modulus, seed=tc.seed, train_config=asdict(tc),
-        model_config=asdict(mc), prm_model_config=asdict(pmc), policy_steps_run=policy_steps_run, prm_steps_run=tc.prm_steps,
-        policy_history=history, prm_data=dict(policy_samples=len(data), positive_steps=pos, negative_steps=neg),
+        model_config=asdict(mc), prm_model_config=asdict(pmc), policy_steps_run=policy_steps_run, prm_steps_run=sum(st[1] for st in stages),
+        policy_history=history, prm_data=dict(policy_samples=n_data, positive_steps=pos, negative_steps=neg),
         weights_dtype="float32",
         wall_seconds=dict(policy=round(t_policy, 1), prm_data=round(t_data, 1), prm=round(t_prm, 1),
                           total=round(time.time() - t0, 1)),

@@ -31,6 +31,7 @@ TINY = ["--hidden-size", "128", "--intermediate-size", "96", "--num-hidden-layer
         "--num-attention-heads", "2", "--num-key-value-heads", "1", "--batch-size", "8",
         "--policy-steps", "3", "--eval-every", "2", "--eval-problems", "3", "--stop-acc", "2.0",
         "--prm-problems", "3", "--prm-samples", "2", "--prm-steps", "2", "--warmup", "2",
+        "--prm2-steps", "1", "--prm2-warmup", "1",
         "--test-problems", "3", "--test-samples", "2", "--max-difficulty", "4", "--difficulty", "3",
         "--seed", "3"]
 
@@ -59,7 +60,7 @@ def test_outputs_and_meta(trained):
         assert files == ["config.json", "model.safetensors", "ttscale_tokenizer.json"], files
     with open(os.path.join(out, "meta.json")) as f:
         disk = json.load(f)
-    assert disk["seed"] == 3 and disk["policy_steps_run"] == 3 and disk["prm_steps_run"] == 2
+    assert disk["seed"] == 3 and disk["policy_steps_run"] == 3 and disk["prm_steps_run"] == 3
     assert 0.0 <= disk["eval"]["single_sample_acc"] <= 1.0
     cfg = json.load(open(os.path.join(out, "prm", "config.json")))
     assert cfg["architectures"] == ["LlamaForSequenceClassification"] and cfg["num_labels"] == 1

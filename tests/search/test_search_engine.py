@@ -90,3 +90,18 @@ def test_prm_kv_cache_gives_the_same_search_for_fewer_prm_tokens(setup, strategy
     assert 0 < a.meter.verifier_tokens < b.meter.verifier_tokens
     prm.begin_search()
     assert prm.scorer.pool.num_used == 0
+
+
+def test_prm_kv_cache_smaller_than_a_batch_falls_back_to_full_reads(setup):
+    engine, kw, prm = setup
+    tiny = PRMVerifier(prm.model, engine.tokenizer, step_delimiter=tasks.STEP_DELIMITER, kv_budget_bytes=1)
+    full = PRMVerifier(prm.model, engine.tokenizer, step_delimiter=tasks.STEP_DELIMITER, kv_cache=False)
+    assert tiny.scorer.pool.num_pages == 16
+    problem = tasks.generate_problems(1, seed=1_000_037)[0]
+    a = BeamSearch(2).run(EngineGenerator(engine, **kw), problem.prompt, Budget(n=6), tiny, seed=5)
+    b = BeamSearch(2).run(EngineGenerator(engine, **kw), problem.prompt, Budget(n=6), full, seed=5)
+    assert [c.text for c in a.candidates] == [c.text for c in b.candidates]
+    for ca, cb in zip(a.candidates, b.candidates):
+        assert ca.step_scores == pytest.approx(cb.step_scores, abs=1e-5)
+    assert tiny.scorer.evictions > 0
+    tiny.scorer.pool.check_invariants()

@@ -17,10 +17,9 @@ speed-up of ours, and the engine's KV bytes read with sharing vs what per-branch
 Goals: >= 5x transformers' tokens/s, sharing reads <= 1/8 of the bytes. The bytes ratio depends on
 the prompt length: each branch also reads its own suffix (up to 64 tokens), so it needs a prompt of
 a few hundred tokens. For best-of-64 x 64 tokens the decode-phase ratio is
-``64 (63 P + 2016) / (63 P + 64 * 2016)`` for a prompt of P tokens in full pages: 1/6.4 at P = 192
-(the most the built-in policy's ``max_position_embeddings = 256`` leaves room for), 1/8.0 at
-P = 256, 1/13.6 at P = 512. So the built-in policy cannot show the 1/8 goal; a random Llama with a
-512-token prompt does: ``ttscale bench engine --random-config '{}' --prompt-len 512``.
+``64 (63 P + 2016) / (63 P + 64 * 2016)`` for a prompt of P tokens in full pages: 1/6.4 at P = 192,
+1/8.0 at P = 256, 1/12.3 at P = 448 (the default with the built-in policy, whose
+``max_position_embeddings = 512`` leaves room for 448 + 64 new tokens), 1/13.6 at P = 512.
 
 On a busy shared machine use ``--threads 1``: a parallel region whose second thread is descheduled
 waits for it, so multi-threaded timings there measure the scheduler more than the code.

@@ -405,8 +405,13 @@ class PRMVerifier(Verifier):
         todo = sorted({s for s in seqs if s not in self._cache}, key=len)
         if self.scorer is not None and todo:
             # the prompts first (usually one): every candidate then starts from a cached prefix
+            from ttscale.engine import KVPoolExhausted
+
             run0 = self.scorer.tokens_run
-            self.scorer.score(sorted({s[:plen_of[s]] for s in todo if plen_of[s] > 0}))
+            try:
+                self.scorer.score(sorted({s[:plen_of[s]] for s in todo if plen_of[s] > 0}))
+            except KVPoolExhausted:  # prompts larger than the PRM pool: the batches below read them in full
+                pass
             self._stats.tokens += self.scorer.tokens_run - run0
             self._stats.flops += self.flops_per_token * (self.scorer.tokens_run - run0)
         for b in range(0, len(todo), self.batch_size):
@@ -414,12 +419,16 @@ class PRMVerifier(Verifier):
             # only the tokens up to the last scored position are needed
             poss = [self.step_positions(s, plen_of[s]) for s in batch]
             ins = [list(s[:(p[-1] + 1 if p else 1)]) for s, p in zip(batch, poss)]
+            outs = None
             if self.scorer is not None:
                 run0 = self.scorer.tokens_run
-                # a cached prefix ends at the prompt or right after a scored step
-                outs = self.scorer.score(ins, [[plen_of[s]] + [q + 1 for q in p] for s, p in zip(batch, poss)])
+                try:
+                    # a cached prefix ends at the prompt or right after a scored step
+                    outs = self.scorer.score(ins, [[plen_of[s]] + [q + 1 for q in p] for s, p in zip(batch, poss)])
+                except KVPoolExhausted:  # a batch larger than the whole PRM pool: read it in full
+                    outs = None
                 ran = self.scorer.tokens_run - run0
-            else:
+            if outs is None:
                 with torch.no_grad():
                     outs = self.model.forward_tokens(ins)
                 ran = sum(len(i) for i in ins)
