@@ -1,12 +1,10 @@
 #!/usr/bin/env python
 """Train the built-in policy and process reward model (PRM) for the modular-arithmetic task.
 
-Reproduce the shipped weights (two runs: the second continues the first's PRM; commands, seeds
-and measured wall times in ``python/ttscale/data/builtin/README.md`` and ``meta.json``)::
+Reproduce the shipped weights (one command, seed 0; measured wall time and accuracies in
+``python/ttscale/data/builtin/README.md`` and ``meta.json``)::
 
-    python scripts/train_builtin.py --out OUT1 --seed 0
-    python scripts/train_builtin.py --out OUT2 --seed 1 --policy-from OUT1/policy --prm-init OUT1/prm \
-        --prm-steps 500 --prm-lr 0.0015 --warmup 50
+    python scripts/train_builtin.py --out OUT --seed 0
 
 Everything is plain torch (autograd, AdamW); no ttscale op and no transformers code is used, and the
 outputs are valid Hugging Face Llama checkpoints (``<out>/policy``: ``LlamaForCausalLM``;
@@ -19,13 +17,17 @@ Pipeline (all randomness from ``--seed``):
 
 1. Policy. A Llama decoder (:class:`Llama`, HF semantics: RMSNorm, rotate-half RoPE, GQA, SwiGLU) is
    trained with next-token loss on the solution tokens (and EOS) of freshly generated problems with
-   a mix of lengths. Every ``--eval-every`` steps one temperature-``--temperature`` sample per
-   validation problem (default difficulty) is checked; training stops as soon as the accuracy
-   reaches ``--stop-acc`` (or after ``--policy-steps``). The policy is deliberately stopped while
-   it still makes mistakes, so that search has something to fix.
-2. PRM data. The policy samples ``--prm-samples`` completions per problem for fresh problems.
-3. PRM. The policy's layers plus ``--prm-extra-layers`` fresh layers on top (HF Llama, just deeper),
-   trained with four losses per step:
+   a mix of lengths, learning rate warmed up then cosine-decayed to 0 over ``--policy-steps``. Every
+   ``--eval-every`` steps one temperature-``--temperature`` sample per validation problem (default
+   difficulty) is checked; training stops early if the accuracy reaches ``--stop-acc``. The schedule
+   is deliberately short, so that the policy still makes mistakes and search has something to fix
+   (450 steps: one sample right ~20-25% of the time; 600 steps: ~50%).
+2. PRM data. The policy samples ``--prm-samples`` completions per problem for fresh problems, at
+   ``--prm-data-temperature`` (1.2: hotter than use, so the PRM sees more of the policy's errors).
+3. PRM, in two stages in the same run (stage 2, ``--prm2-*``: fresh samples, a lower learning rate
+   and its own schedule, continuing stage 1's weights). The policy's layers plus
+   ``--prm-extra-layers`` fresh layers on top (HF Llama, just deeper), trained with four losses per
+   step:
 
    * contrastive pairs on the policy's own prefixes (:func:`contrastive_pair`): the lines the policy
      wrote up to line ``k``, then line ``k`` right or wrong (often the policy's own wrong line).
@@ -590,7 +592,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 100
-    policy_steps: int = 600        # upper bound; the accuracy stop usually ends it earlier
+    policy_steps: int = 450        # the cosine schedule's length (the accuracy stop may end it earlier)
     stop_acc: float = 0.40          # stop the policy once one sample is right this often
     policy_schedule: str = "cosine"  # policy LR after warmup: "cosine" (to 0) or "constant"
     eval_every: int = 50
@@ -601,6 +603,7 @@ class TrainConfig:
     modulus: int = task.DEFAULT_MODULUS
     temperature: float = 1.0
     prm_problems: int = 512
+    prm_data_temperature: float = 1.2  # PRM data samples (0: --temperature); hotter = more of the policy's errors
     prm_samples: int = 4
     prm_steps: int = 800
     prm_lr: float = 3e-3
@@ -789,7 +792,7 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
         # ---- 2. PRM data: policy samples labelled exactly, plus synthetic corruptions
         prm_probs = task.generate_problems(tc.prm_problems, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
         rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
-        outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.temperature,
+        outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.prm_data_temperature or tc.temperature,
                       max_new_tokens=_max_new(prm_probs), generator=gen)
         data = list(zip(rep, outs))
         labelled = [step_label_example(tok, p, o, eos=False, label=tc.prm_label)[1] for p, o in data]
