@@ -96,7 +96,8 @@ def test_prm_kv_cache_smaller_than_a_batch_falls_back_to_full_reads(setup):
     engine, kw, prm = setup
     tiny = PRMVerifier(prm.model, engine.tokenizer, step_delimiter=tasks.STEP_DELIMITER, kv_budget_bytes=1)
     full = PRMVerifier(prm.model, engine.tokenizer, step_delimiter=tasks.STEP_DELIMITER, kv_cache=False)
-    assert tiny.scorer.pool.num_pages == 16
+    assert tiny.scorer.pool.num_pages == 16  # the floor
+    tiny.scorer = E.PrefixScorer(prm.model, num_pages=4)  # 64 tokens: a depth's batch cannot fit
     problem = tasks.generate_problems(1, seed=1_000_037)[0]
     a = BeamSearch(2).run(EngineGenerator(engine, **kw), problem.prompt, Budget(n=6), tiny, seed=5)
     b = BeamSearch(2).run(EngineGenerator(engine, **kw), problem.prompt, Budget(n=6), full, seed=5)
