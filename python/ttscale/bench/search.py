@@ -12,6 +12,11 @@ Reported per (strategy, mode): accuracy, generated / prefill / verifier tokens, 
 seconds per problem (total, and the generator's share: total minus the time inside the verifier,
 which is the same work in both modes) and the speed-up of fork over reprefill. Goal: >= 3x less wall
 time. Needs the engine (``ttscale.engine.load_builtin``) and the task (``ttscale.tasks``).
+
+Both modes share one ``PRMVerifier``, which keeps the PRM's own paged KV per scored sequence
+(``ttscale.engine.PrefixScorer``), so the PRM runs only each candidate's new step. That is a
+ttscale feature the reference implementations lack (they re-read every candidate in full); giving
+it to both modes keeps the comparison about how the *policy's* prefixes reach the KV cache.
 """
 from __future__ import annotations
 
