@@ -42,7 +42,7 @@ import torch
 
 from .. import ops
 from ..attention import Level, SharedPrefixDecode
-from .kvpool import KVPool
+from .kvpool import KVPool, indptr, page_table
 from .model import Transformer
 
 __all__ = ["Engine", "Node", "SamplingParams", "ExtendResult", "EngineCounters"]
@@ -510,13 +510,8 @@ class Engine:
                 else:
                     shared_tokens = unshared_tokens
         else:
-            page_lists = [pool.pages(s) for s in seqs]
             lens = [pool.length(s) for s in seqs]
-            indptr = [0]
-            for pl in page_lists:
-                indptr.append(indptr[-1] + len(pl))
-            kv_indptr = torch.tensor(indptr, dtype=torch.int32, device=dev)
-            kv_indices = torch.tensor(list(itertools.chain.from_iterable(page_lists)), dtype=torch.int32, device=dev)
+            kv_indptr, kv_indices = page_table([pool.pages(s) for s in seqs], dev)
             unshared_tokens = shared_tokens = sum(lens)
         counts = [len(n._tokens) - n._n_cached for n in nodes_run]
         ids: List[int] = []
@@ -525,9 +520,7 @@ class Engine:
             ids.extend(n._tokens[n._n_cached:])
             pos.extend(range(n._n_cached, len(n._tokens)))
         kv_last = torch.tensor([(x - 1) % ps + 1 for x in lens], dtype=torch.int32, device=dev)
-        qo = [0]
-        for c in counts:
-            qo.append(qo[-1] + c)
+        qo = indptr(counts)
         qo_indptr = torch.tensor(qo, dtype=torch.int32, device=dev)
 
         fresh = all(n._n_cached == 0 for n in nodes_run)
@@ -571,12 +564,7 @@ class Engine:
         # DFS order of the page-sharing tree: sort by page list
         perm = sorted(range(len(seqs)), key=lambda i: pool.pages(seqs[i]))
         page_lists = [pool.pages(seqs[i]) for i in perm]
-        dev = self.device
-        indptr = [0]
-        for pl in page_lists:
-            indptr.append(indptr[-1] + len(pl))
-        plan = _SharePlan(key, perm, torch.tensor(indptr, dtype=torch.int32, device=dev),
-                          torch.tensor(list(itertools.chain.from_iterable(page_lists)), dtype=torch.int32, device=dev))
+        plan = _SharePlan(key, perm, *page_table(page_lists, self.device))
         plan.levels, plan.group_tokens, plan.suffix_start = self._plan_levels(page_lists)
         self._plan_cache = plan
         return plan
@@ -718,12 +706,8 @@ class _DecodeBatch:
         page_lists = [pool.pages(sq) for sq in seqs]
         lens = [pool.length(sq) for sq in seqs]
         self.room = min(len(pl) * ps - ln for pl, ln in zip(page_lists, lens))
-        indptr = [0]
-        for pl in page_lists:
-            indptr.append(indptr[-1] + len(pl))
         i32 = dict(dtype=torch.int32, device=dev)
-        self.kv_indptr = torch.tensor(indptr, **i32)
-        self.kv_indices = torch.tensor(list(itertools.chain.from_iterable(page_lists)), **i32)
+        self.kv_indptr, self.kv_indices = page_table(page_lists, dev)
         # the per-step counters live in one int32 buffer so that a step advances them with one add_:
         # row 0 the full table's kv_last_page_len, row 1 the private level's, row 2 the positions
         self._step_rows = torch.zeros(3, len(nodes), **i32)

@@ -22,13 +22,29 @@ pages needed, free and total, and leaves every sequence unchanged: nothing is ev
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import itertools
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import ops
 
-__all__ = ["KVPool", "KVPoolExhausted"]
+__all__ = ["KVPool", "KVPoolExhausted", "indptr", "page_table"]
+
+
+def indptr(counts: Sequence[int]) -> List[int]:
+    """``[0, c0, c0 + c1, ...]``: the CSR offsets of consecutive runs of these lengths."""
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
+
+
+def page_table(page_lists: Sequence[Sequence[int]], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(kv_indptr, kv_indices)``, int32 on ``device``: the paged-KV page table (DESIGN.md format)
+    of sequences with these page lists, in this order."""
+    return (torch.tensor(indptr([len(pl) for pl in page_lists]), dtype=torch.int32, device=device),
+            torch.tensor(list(itertools.chain.from_iterable(page_lists)), dtype=torch.int32, device=device))
 
 
 class KVPoolExhausted(RuntimeError):

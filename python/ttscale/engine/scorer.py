@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
-from .kvpool import KVPool, KVPoolExhausted
+from .kvpool import KVPool, KVPoolExhausted, indptr, page_table
 from .model import Transformer
 
 __all__ = ["PrefixScorer"]
@@ -174,18 +174,9 @@ class PrefixScorer:
                     for key in list(itertools.islice(self._entries, max(1, len(self._entries) // 2))):
                         self._drop(key)
                         self.evictions += 1
-            page_lists = [pool.pages(q) for q in ids_seq]
-            lens = [pool.length(q) for q in ids_seq]
-            indptr = [0]
-            for pl in page_lists:
-                indptr.append(indptr[-1] + len(pl))
-            kv_indptr = torch.tensor(indptr, dtype=torch.int32, device=dev)
-            kv_indices = torch.tensor(list(itertools.chain.from_iterable(page_lists)), dtype=torch.int32, device=dev)
-            kv_last = torch.tensor([(x - 1) % ps + 1 for x in lens], dtype=torch.int32, device=dev)
-            qo = [0]
-            for c in counts:
-                qo.append(qo[-1] + c)
-            qo_indptr = torch.tensor(qo, dtype=torch.int32, device=dev)
+            kv_indptr, kv_indices = page_table([pool.pages(q) for q in ids_seq], dev)
+            kv_last = torch.tensor([(pool.length(q) - 1) % ps + 1 for q in ids_seq], dtype=torch.int32, device=dev)
+            qo_indptr = torch.tensor(indptr(counts), dtype=torch.int32, device=dev)
             ids: List[int] = []
             pos: List[int] = []
             for (_, s, n, _), c in zip(run, counts):

@@ -397,6 +397,22 @@ class PRMVerifier(Verifier):
             pos.append(end - 1)
         return pos
 
+    def _count(self, tokens: int) -> None:
+        self._stats.tokens += tokens
+        self._stats.flops += self.flops_per_token * tokens
+
+    def _scorer_run(self, ins, prefix_lengths=None):
+        """``scorer.score`` counting the tokens it ran; None when the batch does not fit its pool."""
+        from ttscale.engine import KVPoolExhausted
+
+        run0 = self.scorer.tokens_run
+        try:
+            return self.scorer.score(ins, prefix_lengths)
+        except KVPoolExhausted:
+            return None
+        finally:
+            self._count(self.scorer.tokens_run - run0)
+
     def _step_scores(self, gen: Any, nodes: Sequence[Any]) -> List[List[float]]:
         import torch
 
@@ -404,16 +420,9 @@ class PRMVerifier(Verifier):
         plen_of = dict(zip(seqs, (gen.prompt_len(x) for x in nodes)))
         todo = sorted({s for s in seqs if s not in self._cache}, key=len)
         if self.scorer is not None and todo:
-            # the prompts first (usually one): every candidate then starts from a cached prefix
-            from ttscale.engine import KVPoolExhausted
-
-            run0 = self.scorer.tokens_run
-            try:
-                self.scorer.score(sorted({s[:plen_of[s]] for s in todo if plen_of[s] > 0}))
-            except KVPoolExhausted:  # prompts larger than the PRM pool: the batches below read them in full
-                pass
-            self._stats.tokens += self.scorer.tokens_run - run0
-            self._stats.flops += self.flops_per_token * (self.scorer.tokens_run - run0)
+            # the prompts first (usually one): every candidate then starts from a cached prefix (prompts
+            # larger than the pool are not read here: the batches below read them in full)
+            self._scorer_run(sorted({s[:plen_of[s]] for s in todo if plen_of[s] > 0}))
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b:b + self.batch_size]
             # only the tokens up to the last scored position are needed
@@ -421,20 +430,13 @@ class PRMVerifier(Verifier):
             ins = [list(s[:(p[-1] + 1 if p else 1)]) for s, p in zip(batch, poss)]
             outs = None
             if self.scorer is not None:
-                run0 = self.scorer.tokens_run
-                try:
-                    # a cached prefix ends at the prompt or right after a scored step
-                    outs = self.scorer.score(ins, [[plen_of[s]] + [q + 1 for q in p] for s, p in zip(batch, poss)])
-                except KVPoolExhausted:  # a batch larger than the whole PRM pool: read it in full
-                    outs = None
-                ran = self.scorer.tokens_run - run0
-            if outs is None:
+                # a cached prefix ends at the prompt or right after a scored step
+                outs = self._scorer_run(ins, [[plen_of[s]] + [q + 1 for q in p] for s, p in zip(batch, poss)])
+            if outs is None:  # no scorer, or a batch larger than the whole PRM pool: read it in full
                 with torch.no_grad():
                     outs = self.model.forward_tokens(ins)
-                ran = sum(len(i) for i in ins)
+                self._count(sum(len(i) for i in ins))
             for s, p, o, i in zip(batch, poss, outs, ins):
                 o = o.reshape(len(i), -1)[:, 0].double()
                 self._cache[s] = torch.sigmoid(o[p]).tolist() if p else []
-            self._stats.tokens += ran
-            self._stats.flops += self.flops_per_token * ran
         return [list(self._cache[s]) for s in seqs]
