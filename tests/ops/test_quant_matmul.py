@@ -172,7 +172,7 @@ def test_quant_matmul_dtypes_bias(cpu_isa, dtype, m):
 def test_quant_matmul_half_activations(cpu_isa, bits, group_size, dtype):
     """bf16 / fp16 x (on avx512bf16: the vdpbf16ps path, fp16 split into two exact bf16 terms) for
     every bit width and group size, asymmetric and symmetric, odd M, K = 1152 (several dequantised
-    tiles of 512 features, a partial last one) and N = 48 (a last super-block of one 16-row block)."""
+    tiles of 256 features, a partial last one; the next tile dequantised while the current one is used) and N = 48 (a last super-block of one 16-row block)."""
     for sym in (False, True):
         qw = quantize(_weight(48, 1152), bits=bits, group_size=group_size, symmetric=sym)
         for m in (1, 3, 9, 17, 64):

@@ -90,9 +90,20 @@ void for_blocks(int64_t units, double macs, const F& body) {
     for (;;) {
       const int64_t b0 = next.fetch_add(chunk);
       if (b0 >= units) break;
-      body(b0, std::min(b0 + chunk, units));
+      body(b0, std::min(b0 + chunk, units), next);
     }
   });
+}
+
+// Rows [u0 * rows_per_unit, u1 * rows_per_unit) of a row-major [rows, width] array of `elem`-byte
+// items as (first byte, 64-byte lines), clipped to `rows`; for DpArgs::pf_side.
+inline std::pair<const char*, int64_t> row_lines(const void* base, int64_t u0, int64_t u1, int64_t rows_per_unit,
+                                                 int64_t rows, int64_t width, int64_t elem) {
+  if (!base) return {nullptr, 0};
+  const int64_t r0 = std::min(u0 * rows_per_unit, rows), r1 = std::min(u1 * rows_per_unit, rows);
+  const char* p = (const char*)base + r0 * width * elem;
+  const int64_t bytes = (r1 - r0) * width * elem;
+  return {p, bytes > 0 ? (bytes + ((uintptr_t)p & 63) + 63) / 64 : 0};
 }
 
 // avx512bf16 path for bf16 / fp16 x (quant_matmul.h, DpArgs): x as exact bf16 terms (bf16: x
@@ -107,10 +118,12 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
   // and their chunk sums [Mt, nc]. A decode step's x is tiny: a plain loop here avoids the ~5
   // torch ops (each a parallel region: ~5-10 us, and a whole time slice when the other core is
   // busy); larger x goes through vectorised torch ops.
-  const int64_t Kp = (nc * C + 1) / 2 * 2, ldxb = Kp / 2;
+  // Row stride Ks = Kp + 32 bf16 (64 bytes more): with K a multiple of 2048 the rows of x would be
+  // a multiple of 4 KiB apart and every row's slice of a tile would fall in the same L1 sets.
+  const int64_t Kp = (nc * C + 1) / 2 * 2, Ks = Kp + (Mt > 1 ? 32 : 0), ldxb = Ks / 2;
   Tensor xb, xsum;
   if (Mt * K <= (1 << 16)) {
-    xb = at::zeros({Mt, Kp}, x2.options().dtype(at::kShort));
+    xb = at::zeros({Mt, Ks}, x2.options().dtype(at::kShort));
     xsum = at::empty({Mt, nc}, x2.options().dtype(at::kFloat));
     const Tensor xc = x2.contiguous();
     const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr());
@@ -122,13 +135,13 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
         for (int64_t k = c * C; k < std::min(K, (c + 1) * C); ++k) {
           const uint16_t v = src[m * K + k];
           if (T == 1) {
-            dst[m * Kp + k] = v;
+            dst[m * Ks + k] = v;
             acc[0] += bf16_bits_to_float(v);
           } else {  // fp16 = hi + lo exactly (module comment)
             const float f = half_bits_to_float(v);
             const uint16_t hi = float_to_bf16_bits(f), lo = float_to_bf16_bits(f - bf16_bits_to_float(hi));
-            dst[(2 * m) * Kp + k] = hi;
-            dst[(2 * m + 1) * Kp + k] = lo;
+            dst[(2 * m) * Ks + k] = hi;
+            dst[(2 * m + 1) * Ks + k] = lo;
             acc[0] += bf16_bits_to_float(hi);
             acc[1] += bf16_bits_to_float(lo);
           }
@@ -146,7 +159,7 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
     }
     const Tensor xpad = at::constant_pad_nd(xt, {0, nc * C - K}, 0).contiguous();
     xsum = xpad.to(at::kFloat).view({Mt, nc, C}).sum(-1).contiguous();
-    xb = Kp == nc * C ? xpad : at::constant_pad_nd(xpad, {0, 1}, 0).contiguous();
+    xb = Ks == nc * C ? xpad : at::constant_pad_nd(xpad, {0, Ks - nc * C}, 0).contiguous();
   }
 
   const Tensor sf = scales.to(at::kFloat).contiguous();
@@ -162,11 +175,11 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
   const float zsym = (float)(1 << (bits - 1));
   const int64_t rec = 2 * bits, nsb = (nb + 1) / 2, L = kNB * kDpMaxNr;
 
-  for_blocks(nsb, (double)M * (double)N * (double)K, [&](int64_t sb0, int64_t sb1) {
+  for_blocks(nsb, (double)M * (double)N * (double)K, [&](int64_t sb0, int64_t sb1, const std::atomic<int64_t>& next) {
     thread_local std::vector<float> sbuf, zbuf, ybuf;
     thread_local std::vector<uint8_t> tile_raw;
     sbuf.resize(ng * L); zbuf.resize(ng * L); ybuf.resize(Mt * L);
-    tile_raw.resize(kDpKTile / 2 * kDpMaxNr * 64 + 64);
+    tile_raw.resize(2 * (kDpKTile / 2) * kDpMaxNr * 64 + 64);
     void* tile = (void*)(((uintptr_t)tile_raw.data() + 63) & ~(uintptr_t)63);
     for (int64_t sb = sb0; sb < sb1; ++sb) {
       const int64_t b0 = 2 * sb, nr = std::min<int64_t>(2, nb - b0), n0 = b0 * kNB;
@@ -178,6 +191,14 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
       for (int64_t r = 0; r < nr; ++r) a.codes[r] = cp + (b0 + r) * K * rec;
       a.s = sbuf.data(); a.zc = zbuf.data(); a.y = ybuf.data(); a.tile = tile;
       a.Mt = Mt; a.K = K; a.G = G; a.C = C; a.bits = (int)bits; a.nr = (int)nr;
+      // this thread's next super-block: sb + 1 inside its grab, else whatever the shared counter
+      // hands out next, which with other threads also grabbing is one of the next few: cover two
+      int64_t u0 = sb + 1, u1 = sb + 2;
+      if (u0 >= sb1) u0 = next.load(std::memory_order_relaxed), u1 = u0 + 2;
+      const auto ps = row_lines(sp, u0, u1, L, N, ng, sizeof(float)), pz = row_lines(zp, u0, u1, L, N, ng, 1);
+      a.pf_side[0] = ps.first; a.pf_side_lines[0] = ps.second;
+      a.pf_side[1] = pz.first; a.pf_side_lines[1] = pz.second;
+      if (getenv("TTX")) a.pf_side_lines[0] = a.pf_side_lines[1] = 0;  // TEMP A/B
       kern->dp_block(a);
       const int64_t w = nr * kNB;
       for (int64_t m = 0; m < M; ++m)

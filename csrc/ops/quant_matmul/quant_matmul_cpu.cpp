@@ -277,27 +277,87 @@ inline void dp_unpack4x8(const uint8_t* rec, __m512i* out, int64_t stride, const
   for (int j = 0; j < 4; ++j) out[j * stride] = _mm512_mask2_permutex2var_epi8(lo, ix.v[j], kEven, hi);
 }
 
-// Features [kt, kt + kn) of one block into tile[p * nr + slot].
-template <int B>
-void dp_dequant(const uint8_t* codes, int64_t kt, int64_t kn, __m512i* tile, int nr, int slot, const Dp4Idx& ix) {
-  constexpr int RB = 2 * B;
-  const float off = quant_matmul::dp_code_offset(B);
-  int64_t p = 0;
-  if constexpr (B == 4)
-    for (; 2 * p + 8 <= kn; p += 4) dp_unpack4x8(codes + (kt + 2 * p) * RB, tile + p * nr + slot, nr, ix);
-  for (; 2 * p < kn; ++p) {
-    const VF a = add(unpack<B>(codes + (kt + 2 * p) * RB, 0), set1(off));
-    const VF b = 2 * p + 1 < kn ? add(unpack<B>(codes + (kt + 2 * p + 1) * RB, 0), set1(off)) : set1(off);
-    tile[p * nr + slot] = dp_pair_generic(a, b);
+// Bytes ahead in each block's code stream for software prefetch: a 4 KiB page (the hardware
+// prefetcher stops at page boundaries and the blocks of a super-block alternate); measured on a
+// 2-core Zen 5 (direct path): no prefetch 15-18 GB/s on one core, 1 KiB no better, 4-16 KiB 19-21 GB/s.
+constexpr int64_t kDpPrefetch = 4096;
+
+// Dequantisation of features [kt, kt + kn) of the super-block's nr blocks into a tile
+// ([pair][nr] 64-byte vectors), one "unit" at a time: 8 features of one block at 4 bits
+// (dp_unpack4x8: 4 pair vectors), else one feature pair. The tile path runs it for the NEXT tile
+// from inside the current tile's vdpbf16ps loop (step() every ~64 vdpbf16ps), so the shifts and
+// permutes issue in the slots the dp chains leave free: measured on Zen 5, one vpermi2b per 16
+// vdpbf16ps costs no time, while a separate dequant pass was 13% of an M = 16 call. Units go
+// block-interleaved so both code streams advance together; each unit prefetches its block's
+// stream kDpPrefetch bytes ahead (two tiles ahead at kDpKTile = 256, 4 bits).
+template <int B, int NR>
+struct DqStream {
+  const uint8_t* codes[NR];
+  __m512i* tile;
+  int64_t kt = 0, kn = 0, n8 = 0, np = 0, g = 0, per_step = 0;  // g: next unit's 8-feature group or pair
+  int r = 0;                                                       // next unit's block
+  bool pairs = false;                                              // past the 8-feature groups
+  const Dp4Idx* ix;
+
+  void start(const DpArgs& a, __m512i* dst, int64_t kt_, int64_t kn_, int64_t steps, const Dp4Idx& ix_) {
+    for (int i = 0; i < NR; ++i) codes[i] = a.codes[i];
+    tile = dst, kt = kt_, kn = kn_, ix = &ix_, g = 0, r = 0;
+    n8 = B == 4 ? kn / 8 : 0;
+    np = (kn + 1) / 2;  // pairs in all
+    pairs = n8 == 0;
+    if (pairs) g = 0;
+    const int64_t total = NR * (n8 + np - 4 * n8);
+    steps = steps > 0 ? steps : 1;
+    per_step = (total + steps - 1) / steps;
   }
+  bool done() const { return pairs && g >= np; }
+  void unit() {
+    constexpr int RB = 2 * B;
+    if (!pairs) {
+      const uint8_t* rec = codes[r] + (kt + 8 * g) * RB;
+      _mm_prefetch((const char*)rec + kDpPrefetch, _MM_HINT_T0);
+      dp_unpack4x8(rec, tile + 4 * g * NR + r, NR, *ix);
+    } else {
+      const float off = quant_matmul::dp_code_offset(B);
+      const uint8_t* rec = codes[r] + (kt + 2 * g) * RB;
+      _mm_prefetch((const char*)rec + kDpPrefetch, _MM_HINT_T0);
+      const VF lo = add(unpack<B>(rec, 0), set1(off));
+      const VF hi = 2 * g + 1 < kn ? add(unpack<B>(rec + RB, 0), set1(off)) : set1(off);
+      tile[g * NR + r] = dp_pair_generic(lo, hi);
+    }
+    if (++r == NR) {
+      r = 0, ++g;
+      if (!pairs && g == n8) pairs = true, g = 4 * n8;  // the tail's first pair
+    }
+  }
+  void step() {
+    for (int64_t i = 0; i < per_step && !done(); ++i) unit();
+  }
+  void finish() {
+    while (!done()) unit();
+  }
+};
+
+// dp_chunk calls DqStream::step once per this many pair iterations (~64 vdpbf16ps between steps).
+template <int MR, int NR>
+constexpr int dq_every() {
+  constexpr int U = MR * NR >= 8 ? 1 : (8 + MR * NR - 1) / (MR * NR);
+  return (64 + MR * NR * U - 1) / (MR * NR * U);
 }
 
 // MR rows x NR vectors over the np pairs of one chunk; U interleaved pair streams keep >= 8
 // independent vdpbf16ps chains for small MR * NR. Then the chunk's scale/zero flush into y.
-template <int MR, int NR>
+template <int MR, int NR, class Dq>
 void dp_chunk(const DpArgs& a, const __m512i* tile, int64_t np, const uint32_t* x, int64_t m0, int64_t c,
-              const float* s, const float* zc) {
+              const float* s, const float* zc, Dq& dq) {
   constexpr int U = MR * NR >= 8 ? 1 : (8 + MR * NR - 1) / (MR * NR);
+  constexpr int E = dq_every<MR, NR>();
+  int e = 0;
+  // DpArgs fields in locals: the stores below (y, and the tile in dq.step) may alias `a` as far as
+  // the compiler knows, which made it reload ldx every iteration and y/xsum/nc after every store
+  const int64_t ldx = a.ldx, nc = a.nc;
+  float* const y = a.y;
+  const float* const xsum = a.xsum;
   __m512 acc[U][MR][NR];
   for (int u = 0; u < U; ++u)
     for (int m = 0; m < MR; ++m)
@@ -308,15 +368,16 @@ void dp_chunk(const DpArgs& a, const __m512i* tile, int64_t np, const uint32_t* 
       __m512bh w[NR];
       for (int r = 0; r < NR; ++r) w[r] = (__m512bh)_mm512_load_si512(tile + (p + u) * NR + r);
       for (int m = 0; m < MR; ++m) {
-        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * a.ldx + p + u]);
+        const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * ldx + p + u]);
         for (int r = 0; r < NR; ++r) acc[u][m][r] = _mm512_dpbf16_ps(acc[u][m][r], xb, w[r]);
       }
+      if (u == U - 1 && ++e == E) e = 0, dq.step();
     }
   for (; p < np; ++p) {
     __m512bh w[NR];
     for (int r = 0; r < NR; ++r) w[r] = (__m512bh)_mm512_load_si512(tile + p * NR + r);
     for (int m = 0; m < MR; ++m) {
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * a.ldx + p]);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * ldx + p]);
       for (int r = 0; r < NR; ++r) acc[0][m][r] = _mm512_dpbf16_ps(acc[0][m][r], xb, w[r]);
     }
   }
@@ -328,39 +389,43 @@ void dp_chunk(const DpArgs& a, const __m512i* tile, int64_t np, const uint32_t* 
   __m512 sv[NR], zv[NR];
   for (int r = 0; r < NR; ++r) sv[r] = _mm512_loadu_ps(s + r * 16), zv[r] = _mm512_loadu_ps(zc + r * 16);
   for (int m = 0; m < MR; ++m) {
-    const __m512 xs = _mm512_set1_ps(a.xsum[(m0 + m) * a.nc + c]);
+    const __m512 xs = _mm512_set1_ps(xsum[(m0 + m) * nc + c]);
     for (int r = 0; r < NR; ++r) {
-      float* yp = a.y + (m0 + m) * 16 * NR + r * 16;
+      float* yp = y + (m0 + m) * 16 * NR + r * 16;
       const __m512 t = _mm512_fnmadd_ps(zv[r], xs, acc[0][m][r]);
       _mm512_storeu_ps(yp, _mm512_fmadd_ps(sv[r], t, _mm512_loadu_ps(yp)));
     }
   }
 }
 
-// Software prefetch of the next tile's codes, spread over the row-tile x chunk steps of the current
-// tile: a tile of one block is one 4 KiB page of codes at 4 bits and the blocks of a super-block
-// alternate, so the hardware stream prefetcher (which stops at page boundaries) restarts on every
-// tile and the dequantisation would wait for DRAM; a burst of prefetches at once overflows the
-// miss buffers. After the last tile the "next tile" is the start of the next super-block (the
-// blocks that follow in memory, usually the next work item); prefetches never fault.
-struct Prefetcher {
+// The host's guess at the scales/zeros of this thread's next super-blocks (DpArgs::pf_side), spread
+// evenly over `steps` calls of step() so the lines trickle in beside the code stream.
+struct SidePrefetch {
   const char* p[2];
   int64_t left[2], per_step;
-  int nr;
+  SidePrefetch(const DpArgs& a, int64_t steps) {
+    steps = steps > 0 ? steps : 1;
+    for (int r = 0; r < 2; ++r) p[r] = a.pf_side[r], left[r] = a.pf_side_lines[r];
+    per_step = (left[0] + left[1] + steps - 1) / steps;
+  }
   void step() {
-    for (int r = 0; r < nr; ++r)
-      for (int64_t i = 0; i < per_step && left[r] > 0; ++i, --left[r], p[r] += 64) _mm_prefetch(p[r], _MM_HINT_T0);
+    for (int64_t i = 0; i < per_step; ++i) {
+      const int r = left[0] > 0 ? 0 : 1;
+      if (left[r] <= 0) return;
+      _mm_prefetch(p[r], _MM_HINT_T0);
+      p[r] += 64, --left[r];
+    }
   }
 };
 
-template <int NR, int MR>
-void dp_rows(const DpArgs& a, const __m512i* tile, int64_t kt, int64_t kn, int64_t m0, Prefetcher& pf) {
+template <int NR, int MR, class Dq>
+void dp_rows(const DpArgs& a, const __m512i* tile, int64_t kt, int64_t kn, int64_t m0, Dq& dq, SidePrefetch& side) {
   for (int64_t c0 = 0; c0 < kn; c0 += a.C) {  // chunks of this tile (kt is a multiple of C)
-    pf.step();
+    side.step();
     const int64_t cn = kn - c0 < a.C ? kn - c0 : a.C;
     const int64_t c = (kt + c0) / a.C, g = (kt + c0) / a.G;
     dp_chunk<MR, NR>(a, tile + (c0 / 2) * NR, (cn + 1) / 2, a.x + m0 * a.ldx + (kt + c0) / 2, m0, c,
-                     a.s + g * 16 * NR, a.zc + g * 16 * NR);
+                     a.s + g * 16 * NR, a.zc + g * 16 * NR, dq);
   }
 }
 
@@ -369,10 +434,6 @@ void dp_rows(const DpArgs& a, const __m512i* tile, int64_t kt, int64_t kn, int64
 // (the tile would add a store and a reload per pair vector, more than the few rows of work).
 // A = independent accumulators per (row, vector): the 4 pair vectors of 8 features go to
 // A different chains, so MR * NR * A >= 8 chains hide the vdpbf16ps latency.
-// Bytes ahead in each block's code stream: a 4 KiB page (the hardware prefetcher stops at page
-// boundaries); measured on a 2-core Zen 5: no prefetch 15-18 GB/s on one core, 1 KiB no better,
-// 4-16 KiB 19-21 GB/s.
-constexpr int64_t kDpPrefetch = 4096;
 
 template <int B, int MR, int NR>
 void dp_direct(const DpArgs& a, const Dp4Idx& ix) {
@@ -380,6 +441,7 @@ void dp_direct(const DpArgs& a, const Dp4Idx& ix) {
   constexpr int RB = 2 * B;
   constexpr int A = MR * NR >= 8 ? 1 : (MR * NR >= 4 ? 2 : 4);
   const float off = quant_matmul::dp_code_offset(B);
+  SidePrefetch side(a, a.K / 8);  // one step per 8 features
   for (int64_t k0 = 0, c = 0; k0 < a.K; k0 += a.C, ++c) {
     const int64_t kn = a.K - k0 < a.C ? a.K - k0 : a.C, g = k0 / a.G;
     const uint32_t* x = a.x + k0 / 2;
@@ -396,6 +458,7 @@ void dp_direct(const DpArgs& a, const Dp4Idx& ix) {
           _mm_prefetch((const char*)rec + kDpPrefetch, _MM_HINT_T0);
           dp_unpack4x8(rec, w[r], 1, ix);
         }
+        side.step();
         for (int j = 0; j < 4; ++j)
           for (int m = 0; m < MR; ++m) {
             const __m512bh xb = (__m512bh)_mm512_set1_epi32((int)x[m * a.ldx + k / 2 + j]);
@@ -408,6 +471,7 @@ void dp_direct(const DpArgs& a, const Dp4Idx& ix) {
       for (int r = 0; r < NR; ++r) {
         const uint8_t* rec = a.codes[r] + (k0 + k) * RB;
         if (k % 8 == 0) _mm_prefetch((const char*)rec + kDpPrefetch, _MM_HINT_T0);
+        if (k % 8 == 0 && r == 0) side.step();
         const VF lo = add(unpack<B>(rec, 0), set1(off));
         const VF hi = k + 1 < kn ? add(unpack<B>(rec + RB, 0), set1(off)) : set1(off);
         w[r] = (__m512bh)dp_pair_generic(lo, hi);
@@ -505,34 +569,38 @@ void dp_b(const DpArgs& a) {
     }
     return;
   }
+  // Tiles of kt_step features (whole chunks), double-buffered: tile t is consumed from tile[t % 2]
+  // while tile t + 1 is dequantised into the other half (DqStream, interleaved with the dp loop).
   const int64_t kt_step = a.C * (kDpKTile / a.C > 0 ? kDpKTile / a.C : 1);
+  const int64_t half = kt_step / 2 * NR;  // 64-byte vectors per tile buffer
   constexpr int MR = 8;
-  for (int64_t kt = 0; kt < a.K; kt += kt_step) {
+  const int64_t chunks = (kt_step + a.C - 1) / a.C, rem = a.Mt % MR;
+  // DqStream::step calls per tile (dq_every), to spread the next tile's units evenly
+  const int64_t steps = (a.Mt / MR) * (kt_step / 2 / dq_every<MR, NR>()) +
+                        (rem ? kt_step / 2 / (rem >= 4 ? dq_every<4, NR>() : dq_every<1, NR>()) : 0);
+  SidePrefetch side(a, ((a.K + kt_step - 1) / kt_step) * ((a.Mt + MR - 1) / MR) * chunks);
+  DqStream<B, NR> dq;
+  dq.start(a, tile, 0, a.K < kt_step ? a.K : kt_step, 1, ix);
+  dq.finish();
+  for (int64_t kt = 0, t = 0; kt < a.K; kt += kt_step, ++t) {
     const int64_t kn = a.K - kt < kt_step ? a.K - kt : kt_step;
-    for (int r = 0; r < NR; ++r) dp_dequant<B>(a.codes[r], kt, kn, tile, NR, r, ix);
-    Prefetcher pf;
-    pf.nr = NR;
-    {
-      const int64_t nxt = kt + kt_step, steps = ((a.Mt + MR - 1) / MR) * ((kn + a.C - 1) / a.C);
-      const int64_t bytes = (nxt < a.K ? (a.K - nxt < kt_step ? a.K - nxt : kt_step) : kt_step) * 2 * B;
-      for (int r = 0; r < NR; ++r) {
-        pf.p[r] = nxt < a.K ? (const char*)a.codes[r] + nxt * 2 * B : (const char*)a.codes[r] + NR * a.K * 2 * B;
-        pf.left[r] = (bytes + 63) / 64;
-      }
-      pf.per_step = (pf.left[0] + steps - 1) / steps;
-    }
+    const __m512i* cur = tile + (t % 2) * half;
+    const int64_t nxt = kt + kt_step;
+    if (nxt < a.K)
+      dq.start(a, tile + ((t + 1) % 2) * half, nxt, a.K - nxt < kt_step ? a.K - nxt : kt_step, steps, ix);
     int64_t m0 = 0;
-    for (; m0 + MR <= a.Mt; m0 += MR) dp_rows<NR, MR>(a, tile, kt, kn, m0, pf);
+    for (; m0 + MR <= a.Mt; m0 += MR) dp_rows<NR, MR>(a, cur, kt, kn, m0, dq, side);
     switch (a.Mt - m0) {
-      case 1: dp_rows<NR, 1>(a, tile, kt, kn, m0, pf); break;
-      case 2: dp_rows<NR, 2>(a, tile, kt, kn, m0, pf); break;
-      case 3: dp_rows<NR, 3>(a, tile, kt, kn, m0, pf); break;
-      case 4: dp_rows<NR, 4>(a, tile, kt, kn, m0, pf); break;
-      case 5: dp_rows<NR, 5>(a, tile, kt, kn, m0, pf); break;
-      case 6: dp_rows<NR, 6>(a, tile, kt, kn, m0, pf); break;
-      case 7: dp_rows<NR, 7>(a, tile, kt, kn, m0, pf); break;
+      case 1: dp_rows<NR, 1>(a, cur, kt, kn, m0, dq, side); break;
+      case 2: dp_rows<NR, 2>(a, cur, kt, kn, m0, dq, side); break;
+      case 3: dp_rows<NR, 3>(a, cur, kt, kn, m0, dq, side); break;
+      case 4: dp_rows<NR, 4>(a, cur, kt, kn, m0, dq, side); break;
+      case 5: dp_rows<NR, 5>(a, cur, kt, kn, m0, dq, side); break;
+      case 6: dp_rows<NR, 6>(a, cur, kt, kn, m0, dq, side); break;
+      case 7: dp_rows<NR, 7>(a, cur, kt, kn, m0, dq, side); break;
       default: break;
     }
+    dq.finish();  // whatever the steps did not cover (and nothing after the last tile: pos == total)
   }
 }
 

@@ -9,8 +9,11 @@ How a suite is measured:
 * ``Case``: one configuration with several implementations (ours first, then baselines), the bytes
   each call must at least read and the flops it must at least do.
 * ``run_case``: each implementation is warmed up, then the implementations are run interleaved
-  (``ours, base1, base2, ours, base1, ...``) for ``reps`` rounds so drift in clocks or load hits all
-  of them alike. On CUDA each call is timed with events after a synchronize; on CPU with
+  for ``reps`` rounds so drift in clocks or load hits all of them alike, the order rotating by one
+  per round (``ours, b1, b2``, then ``b1, b2, ours``, ...): what a call leaves in the caches and
+  TLBs changes the next call's time (measured: ours after a dense bf16 ``F.linear`` that streamed
+  32 MB was 40-60 us slower than after its own call), so no implementation always follows the
+  same neighbour. On CUDA each call is timed with events after a synchronize; on CPU with
   ``perf_counter``. Reported: median and min in microseconds, GB/s and TFLOP/s at the median, the
   fraction of the measured ceilings, and each baseline's median over ours (speed-up).
 """
@@ -120,8 +123,9 @@ def run_case(case: Case, device: str, ceil: dict, warmup: int = 3, reps: int = 2
             fn()
     _sync(device)
     times: Dict[str, List[float]] = {k: [] for k in case.impls}
-    for _ in range(reps):
-        for name, fn in case.impls.items():
+    items = list(case.impls.items())
+    for r in range(reps):
+        for name, fn in items[r % len(items):] + items[:r % len(items)]:
             times[name].append(time_once(fn, device))
     med = {k: statistics.median(v) for k, v in times.items()}
     ours = next(iter(case.impls))
