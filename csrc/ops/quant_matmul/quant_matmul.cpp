@@ -74,24 +74,41 @@ Shape validate(const Tensor& x, const Tensor& packed, const Tensor& scales, cons
   return s;
 }
 
-// Threads over blocks (common to both CPU paths): `body(b0, b1)` for ranges of work units taken
-// `chunk` at a time from a shared counter, so a thread slowed down by other load on the machine does
-// not hold up the others (static halves did). Small products (a small model's decode step) stay on
+// Threads over blocks (common to both CPU paths): `body(b0, b1, next)` for ranges of work units.
+// Each thread owns a contiguous share of the units and takes them `chunk` at a time from its own
+// counter (its own cache line: a counter shared by all threads cost a cache-line transfer per grab,
+// ~3% of an M = 1 call on 2 cores); a thread that finishes its share takes units from the others'
+// counters, so a thread slowed down by other load on the machine does not hold up the rest (static
+// halves did). `next` is the unit this thread will most likely run after b1 - 1 (b1 inside its
+// share, else -1: unknown), for prefetching. Small products (a small model's decode step) stay on
 // the calling thread (common/parallel.h).
 template <class F>
 void for_blocks(int64_t units, double macs, const F& body) {
   const bool small = macs < 2.0 * kMinParallelMacs;
   const int64_t nthreads = small ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), units));
   // small grabs (one super-block of a 4096-row weight): a thread preempted by another process
-  // holds back at most one unit's work (~5 us at M = 1), and an atomic add per unit costs nothing
+  // holds back at most one unit's work (~5 us at M = 1)
   const int64_t chunk = std::max<int64_t>(1, units / (nthreads * 64));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    for (;;) {
-      const int64_t b0 = next.fetch_add(chunk);
-      if (b0 >= units) break;
-      body(b0, std::min(b0 + chunk, units), next);
-    }
+  struct alignas(64) Share {
+    std::atomic<int64_t> next;
+    int64_t end;
+  };
+  std::vector<Share> share(nthreads);
+  for (int64_t t = 0; t < nthreads; ++t) {
+    share[t].next.store(t * units / nthreads, std::memory_order_relaxed);
+    share[t].end = (t + 1) * units / nthreads;
+  }
+  at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t v = 0; v < nthreads; ++v) {  // own share first, then the others'
+        Share& sh = share[(t + v) % nthreads];
+        for (;;) {
+          const int64_t b0 = sh.next.fetch_add(chunk, std::memory_order_relaxed);
+          if (b0 >= sh.end) break;
+          const int64_t b1 = std::min(b0 + chunk, sh.end);
+          body(b0, b1, v == 0 && b1 < sh.end ? b1 : (int64_t)-1);
+        }
+      }
   });
 }
 
@@ -99,7 +116,7 @@ void for_blocks(int64_t units, double macs, const F& body) {
 // items as (first byte, 64-byte lines), clipped to `rows`; for DpArgs::pf_side.
 inline std::pair<const char*, int64_t> row_lines(const void* base, int64_t u0, int64_t u1, int64_t rows_per_unit,
                                                  int64_t rows, int64_t width, int64_t elem) {
-  if (!base) return {nullptr, 0};
+  if (!base || u0 < 0) return {nullptr, 0};
   const int64_t r0 = std::min(u0 * rows_per_unit, rows), r1 = std::min(u1 * rows_per_unit, rows);
   const char* p = (const char*)base + r0 * width * elem;
   const int64_t bytes = (r1 - r0) * width * elem;
@@ -175,7 +192,7 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
   const float zsym = (float)(1 << (bits - 1));
   const int64_t rec = 2 * bits, nsb = (nb + 1) / 2, L = kNB * kDpMaxNr;
 
-  for_blocks(nsb, (double)M * (double)N * (double)K, [&](int64_t sb0, int64_t sb1, const std::atomic<int64_t>& next) {
+  for_blocks(nsb, (double)M * (double)N * (double)K, [&](int64_t sb0, int64_t sb1, int64_t next) {
     thread_local std::vector<float> sbuf, zbuf, ybuf;
     thread_local std::vector<uint8_t> tile_raw;
     sbuf.resize(ng * L); zbuf.resize(ng * L); ybuf.resize(Mt * L);
@@ -191,14 +208,11 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
       for (int64_t r = 0; r < nr; ++r) a.codes[r] = cp + (b0 + r) * K * rec;
       a.s = sbuf.data(); a.zc = zbuf.data(); a.y = ybuf.data(); a.tile = tile;
       a.Mt = Mt; a.K = K; a.G = G; a.C = C; a.bits = (int)bits; a.nr = (int)nr;
-      // this thread's next super-block: sb + 1 inside its grab, else whatever the shared counter
-      // hands out next, which with other threads also grabbing is one of the next few: cover two
-      int64_t u0 = sb + 1, u1 = sb + 2;
-      if (u0 >= sb1) u0 = next.load(std::memory_order_relaxed), u1 = u0 + 2;
+      // scales/zeros of this thread's next super-block (none when unknown)
+      const int64_t u0 = sb + 1 < sb1 ? sb + 1 : next, u1 = u0 < 0 ? u0 : u0 + 1;
       const auto ps = row_lines(sp, u0, u1, L, N, ng, sizeof(float)), pz = row_lines(zp, u0, u1, L, N, ng, 1);
       a.pf_side[0] = ps.first; a.pf_side_lines[0] = ps.second;
       a.pf_side[1] = pz.first; a.pf_side_lines[1] = pz.second;
-      if (getenv("TTX")) a.pf_side_lines[0] = a.pf_side_lines[1] = 0;  // TEMP A/B
       kern->dp_block(a);
       const int64_t w = nr * kNB;
       for (int64_t m = 0; m < M; ++m)
@@ -246,39 +260,29 @@ Tensor quant_matmul_cpu(const Tensor& x, const Tensor& packed, const Tensor& sca
   const int64_t rec = 2 * bits;
   const uint8_t* lanes = kern->lane_rows((int)bits);
 
-  // Dynamic schedule: each thread takes `chunk` blocks at a time from a shared counter, so a thread
-  // slowed down by other load on the machine does not hold up the others (static halves did).
-  std::atomic<int64_t> next{0};
-  // small products (a small model's decode step) stay on the calling thread (common/parallel.h)
-  const bool small = (double)M * (double)N * (double)K < 2.0 * kMinParallelMacs;
-  const int64_t nthreads = small ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), sh.nb));
-  const int64_t chunk = std::max<int64_t>(1, sh.nb / (nthreads * 16));
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    std::vector<float> sbuf(ng * kNB), zbuf(ng * kNB), ybuf(M * kNB), tile(gemv ? 0 : kKTile * kNB);
-    for (;;) {
-      const int64_t b0 = next.fetch_add(chunk);
-      if (b0 >= sh.nb) break;
-      const int64_t b1 = std::min(b0 + chunk, sh.nb);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t n0 = b * kNB;
-        const int64_t nv = N - n0 < kNB ? N - n0 : kNB;
-        for (int64_t l = 0; l < kNB; ++l) {
-          const int64_t i = lanes[l];
-          const int64_t n = n0 + (i < nv ? i : nv - 1);  // padded rows reuse a valid row (never written)
-          for (int64_t g = 0; g < ng; ++g) {
-            sbuf[g * kNB + l] = sp[n * ng + g];
-            zbuf[g * kNB + l] = zp ? (float)zp[n * ng + g] : zsym;
-          }
+  for_blocks(sh.nb, (double)M * (double)N * (double)K, [&](int64_t b0, int64_t b1, int64_t) {
+    thread_local std::vector<float> sbuf, zbuf, ybuf, tile;
+    sbuf.resize(ng * kNB); zbuf.resize(ng * kNB); ybuf.resize(M * kNB);
+    if (!gemv) tile.resize(kKTile * kNB);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kNB;
+      const int64_t nv = N - n0 < kNB ? N - n0 : kNB;
+      for (int64_t l = 0; l < kNB; ++l) {
+        const int64_t i = lanes[l];
+        const int64_t n = n0 + (i < nv ? i : nv - 1);  // padded rows reuse a valid row (never written)
+        for (int64_t g = 0; g < ng; ++g) {
+          sbuf[g * kNB + l] = sp[n * ng + g];
+          zbuf[g * kNB + l] = zp ? (float)zp[n * ng + g] : zsym;
         }
-        BlockArgs a;
-        a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
-        a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
-        a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
-        if (gemv) kern->gemv_block(a); else kern->gemm_block(a);
-        for (int64_t m = 0; m < M; ++m)
-          for (int64_t l = 0; l < kNB; ++l)
-            if (lanes[l] < nv) yp[m * N + n0 + lanes[l]] = ybuf[m * kNB + l];
       }
+      BlockArgs a;
+      a.x = xp; a.ldx = K; a.xsum = xsp; a.codes = cp + b * K * rec;
+      a.s = sbuf.data(); a.z = zbuf.data(); a.y = ybuf.data(); a.tile = tile.data();
+      a.M = M; a.K = K; a.G = G; a.bits = (int)bits;
+      if (gemv) kern->gemv_block(a); else kern->gemm_block(a);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t l = 0; l < kNB; ++l)
+          if (lanes[l] < nv) yp[m * N + n0 + lanes[l]] = ybuf[m * kNB + l];
     }
   });
   if (bias) y.add_(bias->to(at::kFloat));
