@@ -183,6 +183,33 @@ inline float hsum(VF a) { float r = 0; for (int i = 0; i < W; ++i) r += a.v[i]; 
 inline VF exp(VF x) { for (int i = 0; i < W; ++i) x.v[i] = exp_scalar(x.v[i]); return x; }
 #endif
 
+#if defined(TTSCALE_CPU_ISA_AVX512)
+// 16 x 16 fp32 transpose in registers: r[i][j] -> r[j][i]. unpacklo/hi pair rows, shuffle_ps
+// makes 4 x 4 blocks inside each 128-bit lane (u[4a+b] = rows 4a..4a+3 of columns b, b+4, b+8,
+// b+12 in its four lanes), and two rounds of shuffle_f32x4 gather the lanes of one column.
+inline void transpose16(__m512* r) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int b = 0; b < 4; ++b) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[b], u[4 + b], 0x88), w0 = _mm512_shuffle_f32x4(u[8 + b], u[12 + b], 0x88);
+    const __m512 v1 = _mm512_shuffle_f32x4(u[b], u[4 + b], 0xDD), w1 = _mm512_shuffle_f32x4(u[8 + b], u[12 + b], 0xDD);
+    r[b] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+    r[b + 8] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+    r[b + 4] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+    r[b + 12] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+  }
+}
+#endif
+
 }  // namespace
 }  // namespace TTSCALE_CPU_ISA
 }  // namespace cpu
