@@ -1,6 +1,6 @@
 """Benchmarks: ``ttscale bench <suite>`` (``python -m ttscale.bench <suite>``).
 
-Every suite uses the shared harness in :mod:`ttscale.bench.harness`: warm-up, interleaved repeated
+Every suite uses the shared harness in :mod:`ttscale.bench.harness`: warm-up, interleaved repeated (order rotating per round)
 runs of ours and each baseline in one process, median and min, achieved GB/s or TFLOP/s, and the
 fraction of the read-bandwidth and matmul ceilings measured in the same run. Results print as a
 table and are written as JSON.
