@@ -207,6 +207,25 @@ def test_quant_matmul_long_k(cpu_isa):
     _check_matmul(torch.randn(17, 4096), qw)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_quant_matmul_threads(cpu_isa, threads):
+    """Large enough to run in parallel: each thread owns a share of the row blocks (super-blocks on
+    the vdpbf16ps path) and takes over the others' when done; with more threads than cores (3 and 5
+    on a 2-core machine) shares are uneven and threads get descheduled, so units do change hands.
+    Every unit must be computed exactly once, whoever runs it."""
+    # 127 blocks of 16 rows (an odd last super-block); K * N > 2M multiply-adds, so even M = 1 is
+    # split over threads (smaller products stay on the calling thread)
+    qw = quantize(_weight(2032, 2048, 0.02), bits=4, group_size=128)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(3):
+            for m, dtype in ((1, torch.bfloat16), (16, torch.bfloat16), (5, torch.float32)):
+                _check_matmul(torch.randn(m, 2048).to(dtype), qw)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("m", [1, 17])
 def test_quant_matmul_llama_shape(m):  # ~9 s each on 2 cores (quantize + float64 reference)
