@@ -305,7 +305,6 @@ struct DqStream {
     n8 = B == 4 ? kn / 8 : 0;
     np = (kn + 1) / 2;  // pairs in all
     pairs = n8 == 0;
-    if (pairs) g = 0;
     const int64_t total = NR * (n8 + np - 4 * n8);
     steps = steps > 0 ? steps : 1;
     per_step = (total + steps - 1) / steps;
