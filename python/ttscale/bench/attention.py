@@ -37,8 +37,7 @@ def main(argv=None) -> int:
             if case.name.startswith("shared"):
                 rl = attention_decode.roofline(case, ceil)
                 case.params["roofline"] = rl
-                print(f"roofline {case.name}: shared >= {rl['t_shared_min_us']:.0f} us, unshared >= "
-                      f"{rl['t_unshared_min_us']:.0f} us: sharing can give at most {rl['max_speedup_vs_unshared']:.1f}x here")
+                print(attention_decode.roofline_text(case, rl, ceil))
             results += harness.run_case(case, args.device, ceil, warmup=1 if args.quick else 2,
                                         reps=3 if args.quick else args.reps)
     harness.print_table(f"ttscale bench attention ({args.device}, {torch.get_num_threads()} threads)", results, ceil)
