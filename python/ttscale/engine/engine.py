@@ -634,14 +634,8 @@ class Engine:
                                 torch.tensor(kvp, dtype=torch.int32, device=dev),
                                 torch.tensor(idx, dtype=torch.int32, device=dev),
                                 torch.tensor(last, dtype=torch.int32, device=dev)))
-        kvp, idx = [0], []
-        for i in range(n):
-            sfx = page_lists[i][suffix_start[i]:]
-            idx.extend(sfx)
-            kvp.append(kvp[-1] + len(sfx))
-        levels.append(Level.per_branch(torch.tensor(kvp, dtype=torch.int32, device=dev),
-                                       torch.tensor(idx, dtype=torch.int32, device=dev),
-                                       torch.zeros(n, dtype=torch.int32, device=dev)))
+        sfx_indptr, sfx_indices = page_table([page_lists[i][suffix_start[i]:] for i in range(n)], dev)
+        levels.append(Level.per_branch(sfx_indptr, sfx_indices, torch.zeros(n, dtype=torch.int32, device=dev)))
         return levels, tokens, suffix_start
 
 

@@ -98,7 +98,7 @@ class PrefixScorer:
 
     def _insert(self, key: Tuple[int, ...], e: _Entry) -> None:
         old = self._entries.get(key)
-        if old is not None:  # the same sequence twice in one call: keep the first
+        if old is not None:  # already cached (the lookup was limited to other prefix lengths): keep it
             self.pool.release(e.seq)
             return
         self._entries[key] = e
