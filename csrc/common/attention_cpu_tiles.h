@@ -370,8 +370,10 @@ inline void pack_chunk_bf16pairs(const bf16_t* const* kp, const bf16_t* const* v
   for (int j0 = 0; j0 < nk; j0 += 16)
     for (int dp0 = 0; dp0 < D / 2; dp0 += 16) {
       __m512 r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(reinterpret_cast<const uint32_t*>(kp[j0 + i < nk ? j0 + i : nk - 1]) + dp0));
+      for (int i = 0; i < 16; ++i) {
+        const uint32_t* kw = reinterpret_cast<const uint32_t*>(kp[j0 + i < nk ? j0 + i : nk - 1]);
+        r[i] = _mm512_castsi512_ps(_mm512_loadu_si512(kw + dp0));
+      }
       transpose16(r);
       for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kT2 + (dp0 + i) * kTileKeys + j0, _mm512_castps_si512(r[i]));
     }

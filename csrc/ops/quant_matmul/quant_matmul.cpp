@@ -164,11 +164,9 @@ Tensor quant_matmul_dp(const CpuKernels* kern, const Tensor& x2, const Tensor& p
             part[0] += bf16_bits_to_float(src[m * K + k]);
           }
           for (int i = 0; i < 16; ++i) acc[0] += part[i];
-        }
-        for (int64_t k = c * C; T == 2 && k < k1; ++k) {
-          const uint16_t v = src[m * K + k];
-          {  // fp16 = hi + lo exactly (module comment)
-            const float f = half_bits_to_float(v);
+        } else {  // fp16 = hi + lo exactly (module comment)
+          for (int64_t k = c * C; k < k1; ++k) {
+            const float f = half_bits_to_float(src[m * K + k]);
             const uint16_t hi = float_to_bf16_bits(f), lo = float_to_bf16_bits(f - bf16_bits_to_float(hi));
             dst[(2 * m) * Ks + k] = hi;
             dst[(2 * m + 1) * Ks + k] = lo;

@@ -17,9 +17,10 @@
 //   and one mask (AVX2: one 8-lane vector; AVX-512 unpacks both halves into one 16-lane vector).
 //   Records for consecutive k are contiguous, so a block streams its K*2b bytes once, and every
 //   SIMD lane of an accumulator is an output row (no horizontal reductions).
-//   Scales and zeros stay in the logical [N, K/G] layout; per block the kernels gather them into
-//   fp32 [K/G][16] (the avx512bf16 path with a register transpose, prefetching the next super-block's
-//   rows while it works on the current one: from DRAM the gather was otherwise 20% of an M = 1 call).
+//   Scales and zeros stay in the logical [N, K/G] layout. The fp32 paths' host loop gathers them per
+//   block into fp32 [K/G][16] (16 scalar conversions per group of 16*G weights); the avx512bf16
+//   kernel gathers a super-block's with register transposes, its scales/zeros having been prefetched
+//   during the previous super-block (DpArgs::pf_side; from DRAM the gather was 20% of an M = 1 call).
 //
 // CPU algorithm, parallel over row blocks:
 //   M <= kGemvMaxM (GEMV): rows of x in chunks of 6 (AVX2/generic; 8 on AVX-512); per chunk the
@@ -111,9 +112,9 @@ struct BlockArgs {
 // element 2i + e = row i, feature 2p + e) and reused by every row of x (register tiles of 8 rows
 // x nr vectors, 16 accumulators); two tiles alternate, the next one dequantised a few records at a
 // time from inside the vdpbf16ps loop over the current one (its shifts and permutes then issue
-// beside the dot products; as a separate pass it was 13% of an M = 16 call). Rounding: none beyond fp32 accumulation (every product is
-// exact); the offset adds off * |x| to the magnitudes being summed, which for 4 bits (off = 16)
-// is of the order of the q + z the test bound already allows for.
+// beside the dot products; as a separate pass it was 13% of an M = 16 call). Rounding: none beyond
+// fp32 accumulation (every product is exact); the offset adds off * |x| to the magnitudes being
+// summed, which for 4 bits (off = 16) is of the order of the q + z the test bound already allows for.
 constexpr int64_t kDpKTile = 256;  // features per dequantised tile (16 KiB for nr = 2; two in flight)
 constexpr int kDpMaxNr = 2;
 constexpr int64_t kDpDirectMaxM = 4;  // Mt <= this: streaming GEMV without a tile
@@ -141,10 +142,11 @@ struct DpArgs {
   void* tile;                       // scratch: 2 tiles of kDpKTile/2 * nr * 64 bytes, 64-byte aligned
   int64_t Mt, K, G, C;
   int bits, nr;
-  // Scales/zeros the thread will most likely gather next (the host's guess at its next super-blocks),
-  // prefetched a line at a time alongside the code stream. Without it the gather above starts each
-  // super-block with ~8 dependent-ish DRAM round trips on 5 KiB of scales/zeros (K = 4096, G = 128):
-  // measured 20% of an M = 1 call with the weights in DRAM. Empty ranges (lines = 0) are fine.
+  // Scales/zeros of this thread's next super-block (known while it works through its own share of
+  // super-blocks; none after its last one), prefetched a line at a time alongside the code stream.
+  // Without them the gather above starts each super-block with ~8 dependent-ish DRAM round trips on
+  // 5 KiB of scales/zeros (K = 4096, G = 128): measured 20% of an M = 1 call with the weights in
+  // DRAM. Empty ranges (lines = 0) are fine.
   const char* pf_side[2];           // start of each range (64-byte lines; prefetches never fault)
   int64_t pf_side_lines[2];
 };

@@ -397,8 +397,8 @@ void dp_chunk(const DpArgs& a, const __m512i* tile, int64_t np, const uint32_t* 
   }
 }
 
-// The host's guess at the scales/zeros of this thread's next super-blocks (DpArgs::pf_side), spread
-// evenly over `steps` calls of step() so the lines trickle in beside the code stream.
+// The scales/zeros of this thread's next super-block (DpArgs::pf_side), spread evenly over `steps`
+// calls of step() so the lines trickle in beside the code stream.
 struct SidePrefetch {
   const char* p[2];
   int64_t left[2], per_step;
@@ -574,7 +574,7 @@ void dp_b(const DpArgs& a) {
       case 7: dp_rows<NR, 7>(a, cur, kt, kn, m0, dq, side); break;
       default: break;
     }
-    dq.finish();  // whatever the steps did not cover (and nothing after the last tile: pos == total)
+    dq.finish();  // whatever the steps did not cover (nothing after the last tile: the stream is done)
   }
 }
 
