@@ -809,19 +809,16 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
         prev = prm if si > 0 else None
         prm = Llama(pmc)
         prm.load_state_dict(policy_state, strict=False)  # the new layers (if any) keep their init
+        if prev is None and tc.prm_init:
+            prev, _ = load_checkpoint(tc.prm_init)
+            if asdict(prev.c) != asdict(pmc):
+                raise ValueError(f"--prm-init {tc.prm_init}: config {asdict(prev.c)} != {asdict(pmc)}")
         if prev is not None:
-            # stage 2+: continue from the previous stage's PRM (its own schedule, fresh aux heads and
-            # optimizer, fresh data), as a second run with --prm-init would
+            # continue from an earlier PRM (the previous stage's, or --prm-init's) with its own schedule,
+            # fresh aux heads, optimizer and data; lm_head stays the policy's (a saved PRM has none, so
+            # a stage continues exactly as a second run with --prm-init would)
             sd = prev.state_dict()
             sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()
-            prm.load_state_dict(sd)
-        elif tc.prm_init:
-            # continue from an earlier PRM (a second training stage: its own schedule, fresh aux heads)
-            loaded, _ = load_checkpoint(tc.prm_init)
-            if asdict(loaded.c) != asdict(pmc):
-                raise ValueError(f"--prm-init {tc.prm_init}: config {asdict(loaded.c)} != {asdict(pmc)}")
-            sd = loaded.state_dict()
-            sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()   # not saved with a PRM: the policy's
             prm.load_state_dict(sd)
         # The new layers keep their fresh random init, on purpose: in the policy's own layers the
         # hidden state at a line's final "\n" is almost independent of the line's content (the policy

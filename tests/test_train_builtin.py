@@ -85,6 +85,18 @@ def test_prm_only_run_keeps_the_policy(trained, tmp_path):
     assert meta["policy_steps_run"] == 3 and meta["eval"]["prm_label"] == "prefix"
 
 
+def test_prm_init_continues_a_saved_prm(trained, tmp_path):
+    """--prm-init starts stage 1 from a saved PRM (the path stage 2 shares); a PRM of another shape
+    is refused by name."""
+    out, _ = trained
+    pol, prm = os.path.join(out, "policy"), os.path.join(out, "prm")
+    meta = tb.main(["--out", str(tmp_path / "a"), "--policy-from", pol, "--prm-init", prm] + TINY)
+    assert meta["prm_steps_run"] == 3
+    with pytest.raises(ValueError, match="--prm-init"):
+        tb.main(["--out", str(tmp_path / "b"), "--policy-from", pol, "--prm-init", prm,
+                 "--prm-extra-layers", "1"] + TINY)
+
+
 def test_policy_matches_transformers(trained, tmp_path):
     out, _ = trained
     ours, tok = tb.load_checkpoint(os.path.join(out, "policy"))
