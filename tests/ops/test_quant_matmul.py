@@ -9,7 +9,6 @@
   ``q + z``), plus one rounding of the output to x.dtype (u = 2^-24, 2^-11, 2^-8).
 * opcheck, torch.compile(fullgraph=True), and every bad input.
 """
-import time
 
 import pytest
 import torch
@@ -229,11 +228,9 @@ def test_quant_matmul_threads(cpu_isa, threads):
 @pytest.mark.slow
 @pytest.mark.parametrize("m", [1, 17])
 def test_quant_matmul_llama_shape(m):  # ~9 s each on 2 cores (quantize + float64 reference)
-    t0 = time.time()
     qw = quantize(_weight(11008, 4096, 0.02), bits=4, group_size=128)
     x = torch.randn(m, 4096).to(torch.bfloat16)
     _check_matmul(x, qw)
-    assert time.time() - t0 < 60
 
 
 # --------------------------------------------------------------------------- opcheck / compile
