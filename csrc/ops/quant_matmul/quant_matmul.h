@@ -40,8 +40,9 @@
 //   activations on avx512bf16; bf16 / fp16 activations on avx512bf16 take the vdpbf16ps path
 //   (DpArgs below). All four ISA paths are tested on a Zen 5 (tests/ops/test_quant_matmul.py,
 //   cpu_isa fixture).
-//   Blocks are handed out dynamically (shared atomic counter) so a thread slowed by other load on
-//   the machine does not hold up the rest.
+//   Each thread owns a contiguous share of the blocks (its own counter) and takes over the others'
+//   when it is done, so a thread slowed by other load on the machine does not hold up the rest
+//   (for_blocks in quant_matmul.cpp).
 //
 // CUDA algorithm (quant_matmul_cuda.cu; compile-checked only, never run on a GPU yet): a SIMT GEMV
 // for M <= 8 (and every M with fp32 x) and an mma.sync m16n8k16 GEMM for fp16/bf16 x, both on the
