@@ -740,6 +740,152 @@ def _train_policy(model, tok, tc, rng, gen, val, diff, history, t0, log) -> int:
     return step
 
 
+def _prm_stage_data(model, tok, tc: TrainConfig, diff, rng: random.Random, gen: torch.Generator):
+    """A PRM stage's data: tc.prm_samples policy samples of each of tc.prm_problems fresh problems, with
+    their exact step labels. Returns (data [(problem, completion)], positive labels, negative labels)."""
+    prm_probs = task.generate_problems(tc.prm_problems, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
+    rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
+    outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.prm_data_temperature or tc.temperature,
+                  max_new_tokens=_max_new(prm_probs), generator=gen)
+    data = list(zip(rep, outs))
+    labelled = [step_label_example(tok, p, o, eos=False, label=tc.prm_label)[1] for p, o in data]
+    pos = sum(l == 1 for lab in labelled for l in lab)
+    neg = sum(l == 0 for lab in labelled for l in lab)
+    return data, pos, neg
+
+
+def _init_prm(pmc: ModelConfig, policy_state: Dict, prev: Optional[Llama], tc: TrainConfig) -> Llama:
+    """A stage's starting PRM: the policy's weights (plus tc.prm_extra_layers new layers on top), then,
+    when there is one, an earlier PRM's (the previous stage's, or --prm-init's for the first stage).
+    Draws from torch's global RNG in a fixed order (the new model's init, then --prm-init's load), which
+    the shipped weights depend on."""
+    first = prev is None
+    prm = Llama(pmc)
+    prm.load_state_dict(policy_state, strict=False)  # the new layers (if any) keep their init
+    if prev is None and tc.prm_init:
+        prev, _ = load_checkpoint(tc.prm_init)
+        if asdict(prev.c) != asdict(pmc):
+            raise ValueError(f"--prm-init {tc.prm_init}: config {asdict(prev.c)} != {asdict(pmc)}")
+    if prev is not None:
+        # continue from the earlier PRM with a fresh schedule, aux heads, optimizer and data; lm_head
+        # stays the policy's (a saved PRM has none, so a stage continues exactly as a second run with
+        # --prm-init would)
+        sd = prev.state_dict()
+        sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()
+        prm.load_state_dict(sd)
+    # The new layers keep their fresh random init, on purpose: in the policy's own layers the
+    # hidden state at a line's final "\n" is almost independent of the line's content (the policy
+    # only needs it to predict the next label, so its attention there is saturated on positional
+    # cues: changing the line's result moves that state by ~0.2%), and gradients through saturated
+    # softmax attention are too small to undo that. Fresh layers attend broadly at first, so the
+    # score's gradient reaches the line's tokens and the states where the policy predicted them.
+    if first and not tc.prm_init:
+        nn.init.zeros_(prm.score.weight)
+    return prm
+
+
+def _prm_batch(tok, tc: TrainConfig, data, diff, rng: random.Random, n_pairs: int, n_noisy: int):
+    """One PRM training batch (the rng draws, in this order, decide it):
+    (a) contrastive pairs on the policy's own prefixes: the same lines 0..k-1 as the policy wrote
+        them, then line k right or wrong. Only line k is labelled, so at every position half the
+        labels are 1 and half 0, and the pair differs in nothing but the arithmetic of line k;
+    (b) fresh problems whose lines are each wrong with probability q: every line labelled, labels
+        independent of position and of earlier lines;
+    (c) gold solutions of fresh problems for the LM loss.
+    Returns ids [R, T], step labels [R, T] (-1: none), aux targets [R, T, len(AUX_NAMES)] (-100:
+    none), ranked pairs ((row, pos) right, (row, pos) wrong) or None, and the LM batch (x, y)."""
+    ids_l, lab_l, aux_l, pairs = [], [], [], []
+    while len(pairs) < n_pairs:
+        p, o = data[rng.randrange(len(data))]
+        pair = contrastive_pair(p, o, rng)
+        if pair is None:
+            continue
+        idx = []
+        for comp in pair:
+            ids, lab, aux = prm_example(tok, p, comp, tc.prm_label)
+            last = max(i for i, l in enumerate(lab) if l >= 0)
+            ids_l.append(ids)
+            aux_l.append(aux)
+            lab_l.append([-1] * last + [lab[last]])
+            idx.append((len(ids_l) - 1, last, lab[last]))
+        if idx[0][2] == 1 and idx[1][2] == 0:   # ranked pair (always, for step labels)
+            pairs.append((idx[0][:2], idx[1][:2]))
+        else:
+            pairs.append(None)
+    for p in task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus):
+        ids, lab, aux = prm_example(tok, p, noisy_solution(p, rng, rng.uniform(0.2, 0.6)), tc.prm_label)
+        ids_l.append(ids)
+        aux_l.append(aux)
+        lab_l.append(lab)
+    ids = pad_right(ids_l, tok.pad_token_id)
+    lab = pad_right(lab_l, -1, fill=-1)
+    aux_t = pad_right([[0] * len(a) for a in aux_l], -100, fill=-100)[..., None].repeat(1, 1, len(AUX_NAMES))
+    for r, a in enumerate(aux_l):
+        aux_t[r, :len(a)] = torch.tensor(a)
+    lm = lm_batch(tok, task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus))
+    return ids, lab, aux_t, pairs, lm
+
+
+def _train_prm_stage(prm: Llama, tok, tc: TrainConfig, data, diff, rng: random.Random, schedule, name: str,
+                     t0: float, log) -> None:
+    """Trains `prm` in place for one stage, schedule = (steps, lr, warmup), on three losses per step
+    (see the module docstring): BCE on step labels that position cannot predict, a pairwise ranking
+    loss on prefixes that differ only in their last line, and the LM loss on gold solutions; plus
+    the auxiliary heads' loss."""
+    s_steps, s_lr, s_warm = schedule
+    # auxiliary heads (see AUX_NAMES) on the output of the second-to-last layer, captured by a hook
+    n_cls = max(tc.modulus, len(task.OPS))
+    aux_head = nn.Sequential(RMSNorm(prm.c.hidden_size, prm.c.rms_norm_eps), nn.Linear(prm.c.hidden_size, len(AUX_NAMES) * n_cls))
+    captured = {}
+    hook = prm.model.layers[-2].register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out))
+    params = list(prm.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=s_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    prm.train()
+    n_pairs = max(1, tc.batch_size // 4)
+    n_noisy = max(1, tc.batch_size // 2)
+    pair_acc_run, bce_run, rank_run, aux_run = 0.5, 0.7, 0.7, 2.0
+    for step in range(1, s_steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step - 1, s_steps, s_lr, s_warm)
+        ids, lab, aux_t, pairs, (x, y) = _prm_batch(tok, tc, data, diff, rng, n_pairs, n_noisy)
+        _, score = prm(ids)
+        m = lab >= 0
+        bce = F.binary_cross_entropy_with_logits(score[m], lab[m].float())
+        aux_logits = aux_head(captured["h"]).view(*ids.shape, len(AUX_NAMES), n_cls)
+        aux = F.cross_entropy(aux_logits.reshape(-1, n_cls), aux_t.reshape(-1), ignore_index=-100)
+        ranked = [pr_ for pr_ in pairs if pr_ is not None]
+        if ranked:
+            s_right = torch.stack([score[i, j] for (i, j), _ in ranked])
+            s_wrong = torch.stack([score[i, j] for _, (i, j) in ranked])
+            # logistic ranking loss: -log sigmoid(s_right - s_wrong) (Bradley-Terry on the pair)
+            rank = F.softplus(s_wrong - s_right).mean()
+            pair_acc = float((s_right > s_wrong).float().mean())
+        else:
+            rank, pair_acc = score.sum() * 0.0, 0.5
+        logits, _ = prm(x)
+        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
+        loss = bce + tc.prm_rank_weight * rank + tc.prm_lm_weight * lm + tc.prm_aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        # running means for the log (one batch alone is noisy)
+        pair_acc_run = 0.9 * pair_acc_run + 0.1 * pair_acc
+        bce_run = 0.9 * bce_run + 0.1 * bce.item()
+        rank_run = 0.9 * rank_run + 0.1 * rank.item()
+        aux_run = 0.9 * aux_run + 0.1 * aux.item()
+        if step % tc.eval_every == 0 or step == s_steps:
+            with torch.no_grad():   # per-target auxiliary accuracy of this batch, to see what is learnt
+                hit = (aux_logits.argmax(-1) == aux_t).float()
+                cnt = (aux_t != -100).float()
+                per = " ".join(f"{nm}={float(hit[..., j].sum() / cnt[..., j].sum().clamp(min=1)):.2f}"
+                               for j, nm in enumerate(AUX_NAMES))
+            log(f"{name} step {step} bce {bce_run:.4f} rank {rank_run:.4f} pair_acc {pair_acc_run:.3f} "
+                f"aux {aux_run:.3f} lm {lm.item():.4f} ({time.time() - t0:.0f}s) [{per}]")
+    hook.remove()
+    prm.eval()
+
+
 def train(tc: TrainConfig, out: str, log=print) -> Dict:
     if tc.policy_schedule not in ("cosine", "constant"):
         raise ValueError(f"--policy-schedule must be 'cosine' or 'constant', got {tc.policy_schedule!r}")
@@ -788,131 +934,13 @@ def train(tc: TrainConfig, out: str, log=print) -> Dict:
         t_d0 = time.time()
         rng = random.Random(s_seed + 7)
         gen = torch.Generator().manual_seed(s_seed + 7)
-
-        # ---- 2. PRM data: policy samples labelled exactly, plus synthetic corruptions
-        prm_probs = task.generate_problems(tc.prm_problems, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus)
-        rep = [p for p in prm_probs for _ in range(tc.prm_samples)]
-        outs = sample(model, tok, [p.prompt for p in rep], temperature=tc.prm_data_temperature or tc.temperature,
-                      max_new_tokens=_max_new(prm_probs), generator=gen)
-        data = list(zip(rep, outs))
-        labelled = [step_label_example(tok, p, o, eos=False, label=tc.prm_label)[1] for p, o in data]
-        pos_s = sum(l == 1 for lab in labelled for l in lab)
-        neg_s = sum(l == 0 for lab in labelled for l in lab)
+        # ---- 2. PRM data (policy samples labelled exactly), then 3. the PRM itself
+        data, pos_s, neg_s = _prm_stage_data(model, tok, tc, diff, rng, gen)
         pos, neg, n_data = pos + pos_s, neg + neg_s, n_data + len(data)
         log(f"prm stage {si + 1} data: {len(data)} policy samples, step labels +{pos_s} -{neg_s} ({time.time() - t0:.0f}s)")
         t_data += time.time() - t_d0
-
-        # ---- 3. PRM: from the policy weights (plus tc.prm_extra_layers new layers on top), trained on
-        # three losses per step (see the module docstring): BCE on step labels that position cannot
-        # predict, a pairwise ranking loss on prefixes that differ only in their last line, and the LM
-        # loss on gold solutions
-        prev = prm if si > 0 else None
-        prm = Llama(pmc)
-        prm.load_state_dict(policy_state, strict=False)  # the new layers (if any) keep their init
-        if prev is None and tc.prm_init:
-            prev, _ = load_checkpoint(tc.prm_init)
-            if asdict(prev.c) != asdict(pmc):
-                raise ValueError(f"--prm-init {tc.prm_init}: config {asdict(prev.c)} != {asdict(pmc)}")
-        if prev is not None:
-            # continue from an earlier PRM (the previous stage's, or --prm-init's) with its own schedule,
-            # fresh aux heads, optimizer and data; lm_head stays the policy's (a saved PRM has none, so
-            # a stage continues exactly as a second run with --prm-init would)
-            sd = prev.state_dict()
-            sd["lm_head.weight"] = prm.lm_head.weight.detach().clone()
-            prm.load_state_dict(sd)
-        # The new layers keep their fresh random init, on purpose: in the policy's own layers the
-        # hidden state at a line's final "\n" is almost independent of the line's content (the policy
-        # only needs it to predict the next label, so its attention there is saturated on positional
-        # cues: changing the line's result moves that state by ~0.2%), and gradients through saturated
-        # softmax attention are too small to undo that. Fresh layers attend broadly at first, so the
-        # score's gradient reaches the line's tokens and the states where the policy predicted them.
-        if si == 0 and not tc.prm_init:
-            nn.init.zeros_(prm.score.weight)
-        # auxiliary heads (see AUX_NAMES) on the output of the second-to-last layer, captured by a hook
-        n_cls = max(tc.modulus, len(task.OPS))
-        aux_head = nn.Sequential(RMSNorm(pmc.hidden_size, pmc.rms_norm_eps), nn.Linear(pmc.hidden_size, len(AUX_NAMES) * n_cls))
-        captured = {}
-        hook = prm.model.layers[-2].register_forward_hook(lambda mod, inp, out: captured.__setitem__("h", out))
-        opt = torch.optim.AdamW(list(prm.parameters()) + list(aux_head.parameters()),
-                                lr=s_lr, betas=(0.9, 0.98), weight_decay=0.01)
-        prm.train()
-        n_pairs = max(1, tc.batch_size // 4)
-        n_noisy = max(1, tc.batch_size // 2)
-        pair_acc_run, bce_run, rank_run, aux_run = 0.5, 0.7, 0.7, 2.0
-        for step in range(1, s_steps + 1):
-            for g in opt.param_groups:
-                g["lr"] = _lr(step - 1, s_steps, s_lr, s_warm)
-            ids_l, lab_l, aux_l, pairs = [], [], [], []
-            # (a) contrastive pairs on the policy's own prefixes: the same lines 0..k-1 as the policy
-            # wrote them, then line k right or wrong. Only line k is labelled, so at every position half
-            # the labels are 1 and half 0, and the pair differs in nothing but the arithmetic of line k.
-            while len(pairs) < n_pairs:
-                p, o = data[rng.randrange(len(data))]
-                pair = contrastive_pair(p, o, rng)
-                if pair is None:
-                    continue
-                idx = []
-                for comp in pair:
-                    ids, lab, aux = prm_example(tok, p, comp, tc.prm_label)
-                    last = max(i for i, l in enumerate(lab) if l >= 0)
-                    ids_l.append(ids)
-                    aux_l.append(aux)
-                    lab_l.append([-1] * last + [lab[last]])
-                    idx.append((len(ids_l) - 1, last, lab[last]))
-                if idx[0][2] == 1 and idx[1][2] == 0:   # ranked pair (always, for step labels)
-                    pairs.append((idx[0][:2], idx[1][:2]))
-                else:
-                    pairs.append(None)
-            # (b) fresh problems whose lines are each wrong with probability q: every line labelled,
-            # labels independent of position and of earlier lines
-            for p in task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62), modulus=tc.modulus):
-                ids, lab, aux = prm_example(tok, p, noisy_solution(p, rng, rng.uniform(0.2, 0.6)), tc.prm_label)
-                ids_l.append(ids)
-                aux_l.append(aux)
-                lab_l.append(lab)
-            ids = pad_right(ids_l, tok.pad_token_id)
-            lab = pad_right(lab_l, -1, fill=-1)
-            aux_t = pad_right([[0] * len(a) for a in aux_l], -100, fill=-100)[..., None].repeat(1, 1, len(AUX_NAMES))
-            for r, a in enumerate(aux_l):
-                aux_t[r, :len(a)] = torch.tensor(a)
-            _, score = prm(ids)
-            m = lab >= 0
-            bce = F.binary_cross_entropy_with_logits(score[m], lab[m].float())
-            aux_logits = aux_head(captured["h"]).view(*ids.shape, len(AUX_NAMES), n_cls)
-            aux = F.cross_entropy(aux_logits.reshape(-1, n_cls), aux_t.reshape(-1), ignore_index=-100)
-            ranked = [pr_ for pr_ in pairs if pr_ is not None]
-            if ranked:
-                s_right = torch.stack([score[i, j] for (i, j), _ in ranked])
-                s_wrong = torch.stack([score[i, j] for _, (i, j) in ranked])
-                # logistic ranking loss: -log sigmoid(s_right - s_wrong) (Bradley-Terry on the pair)
-                rank = F.softplus(s_wrong - s_right).mean()
-                pair_acc = float((s_right > s_wrong).float().mean())
-            else:
-                rank, pair_acc = score.sum() * 0.0, 0.5
-            x, y = lm_batch(tok, task.generate_problems(n_noisy, difficulty=diff, seed=rng.getrandbits(62),
-                                                        modulus=tc.modulus))
-            logits, _ = prm(x)
-            lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100)
-            loss = bce + tc.prm_rank_weight * rank + tc.prm_lm_weight * lm + tc.prm_aux_weight * aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(prm.parameters()) + list(aux_head.parameters()), 1.0)
-            opt.step()
-            # running means for the log (one batch alone is noisy)
-            pair_acc_run = 0.9 * pair_acc_run + 0.1 * pair_acc
-            bce_run = 0.9 * bce_run + 0.1 * bce.item()
-            rank_run = 0.9 * rank_run + 0.1 * rank.item()
-            aux_run = 0.9 * aux_run + 0.1 * aux.item()
-            if step % tc.eval_every == 0 or step == s_steps:
-                with torch.no_grad():   # per-target auxiliary accuracy of this batch, to see what is learnt
-                    hit = (aux_logits.argmax(-1) == aux_t).float()
-                    cnt = (aux_t != -100).float()
-                    per = " ".join(f"{nm}={float(hit[..., j].sum() / cnt[..., j].sum().clamp(min=1)):.2f}"
-                                   for j, nm in enumerate(AUX_NAMES))
-                log(f"prm stage {si + 1} step {step} bce {bce_run:.4f} rank {rank_run:.4f} pair_acc {pair_acc_run:.3f} "
-                    f"aux {aux_run:.3f} lm {lm.item():.4f} ({time.time() - t0:.0f}s) [{per}]")
-        hook.remove()
-        prm.eval()
+        prm = _init_prm(pmc, policy_state, prm, tc)
+        _train_prm_stage(prm, tok, tc, data, diff, rng, (s_steps, s_lr, s_warm), f"prm stage {si + 1}", t0, log)
     save_checkpoint(prm, tok, os.path.join(out, "prm"), "prm")
     t_prm = time.time() - t0 - t_policy - t_data
 
