@@ -453,6 +453,10 @@ std::tuple<Tensor, Tensor> paged_attention_cuda_impl(const Tensor& q, const Tens
                                                      const c10::optional<Tensor>& qo_indptr, bool causal, double scale,
                                                      int64_t window_left, double softcap, bool return_lse) {
   (void)return_lse;
+  // before validation: it copies the page table to the host, which fails inside a capture with a
+  // raw CUDA error instead of this message
+  TT_CHECK(!capturing(q), "paged_attention: CUDA graph capture is not supported yet (the tile list is built on "
+           "the host from the page table)");
   const AttnInputs in = validate_paged_attention(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len,
                                                  qo_indptr, scale, window_left, softcap);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -460,8 +464,6 @@ std::tuple<Tensor, Tensor> paged_attention_cuda_impl(const Tensor& q, const Tens
   Tensor out = at::empty({T, Hq, D}, q.options());
   Tensor lse = at::empty({T, Hq}, q.options().dtype(at::kFloat));
   if (T == 0) return {out, lse};
-  TT_CHECK(!capturing(q), "paged_attention: CUDA graph capture is not supported yet (the tile list is built on "
-           "the host from the page table)");
   PagedParams p = make_params(q, k_cache, v_cache, in, causal, scale, window_left, softcap);
   const Tensor ip_d = kv_indptr.contiguous(), ix_d = kv_indices.contiguous(), ll_d = kv_last_page_len.contiguous();
   const Tensor qo_d = in.qo.to(q.device());
