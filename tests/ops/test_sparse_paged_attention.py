@@ -428,6 +428,8 @@ def test_bad_summaries_and_mass_inputs():
         new_page_summaries(a["k"], torch.zeros(a["k"].shape[0], dtype=torch.int32))
     with pytest.raises(ValueError, match="pages"):
         update_page_summaries(a["k"], a["s"], torch.tensor([a["k"].shape[0]]))
+    with pytest.raises(ValueError, match="page 1 more than once"):
+        update_page_summaries(a["k"], a["s"], torch.tensor([1, 0, 1]), torch.tensor([3, 4, 2]))
     with pytest.raises(RuntimeError, match="summaries must have shape"):
         update_page_summaries(a["k"], a["s"][:, :1], torch.tensor([0]))
     with pytest.raises(RuntimeError, match="summaries dtype"):

@@ -132,6 +132,12 @@ void update_page_summaries_impl(const Tensor& k_cache, Tensor summaries, const T
   check_summary_cache(k_cache);
   check_summaries(summaries, k_cache);
   const auto pl = page_list(k_cache, pages, page_lens);
+  // A page listed twice would be summarised by two threads (CPU chunks, CUDA blocks) at once, and
+  // with different lengths the result would depend on which finished last.
+  std::vector<int64_t> sorted = pl.first;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 1; i < sorted.size(); ++i)
+    TT_CHECK_VALUE(sorted[i] != sorted[i - 1], "pages lists page ", sorted[i], " more than once");
   summarize_pages(k_cache, summaries, pl.first, pl.second);
 }
 

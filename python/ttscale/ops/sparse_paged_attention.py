@@ -55,8 +55,8 @@ def new_page_summaries(k_cache: torch.Tensor, page_lens: Optional[torch.Tensor] 
 
 def update_page_summaries(k_cache: torch.Tensor, summaries: torch.Tensor, pages: torch.Tensor,
                           page_lens: Optional[torch.Tensor] = None) -> None:
-    """Recompute, in place, the summaries of ``pages [n]`` (page ids) over their first ``page_lens [n]``
-    tokens (default: every slot)."""
+    """Recompute, in place, the summaries of ``pages [n]`` (distinct page ids) over their first
+    ``page_lens [n]`` tokens (default: every slot)."""
     torch.ops.ttscale.update_page_summaries(k_cache, summaries, pages, page_lens)
 
 
