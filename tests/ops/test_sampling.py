@@ -1112,3 +1112,25 @@ def test_torch_compile_fullgraph():
     out = spec(d, Q, P, seed)
     ref = speculative_verify(d, Q, P, seed=seed)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kw", [dict(top_k=3), dict(top_p=0.9), dict(top_k=5, top_p=0.95, min_p=0.01)], ids=str)
+def test_probs_negative_zero_is_zero(device, kw, cpu_isa):
+    """-0.0 passes the "no negative probabilities" check, so it must act exactly like +0.0: never
+    drawn, and never counted beside the row maximum in the top-k / top-p histograms (its float bits
+    are above the maximum's)."""
+    V = 1000 + 13  # a tail that is not a whole SIMD vector
+    g = torch.Generator().manual_seed(4)
+    p = torch.zeros(4, V)
+    for r in range(4):
+        idx = torch.randperm(V, generator=g)[:6]
+        p[r, idx] = torch.rand(6, generator=g) + 0.05
+    p = p / p.sum(-1, keepdim=True)
+    neg = torch.where(p == 0, torch.full_like(p, -0.0), p)
+    assert torch.signbit(neg).sum() == 4 * (V - 6)
+    idx = torch.arange(4).repeat_interleave(500)
+    a = sample_from_probs(p.to(device), indices=idx.to(device), seed=11, **kw).cpu()
+    b = sample_from_probs(neg.to(device), indices=idx.to(device), seed=11, **kw).cpu()
+    assert torch.equal(a, b)
+    assert bool((p[idx, a] > 0).all())

@@ -54,6 +54,9 @@ struct ScoreMap {
   TT_HD int bin(float s) const {
     if (probs_mode) {
       const uint32_t b = float_to_bits(s);
+      // -0.0 (bits 0x80000000; negative probabilities are rejected before) has no mass: last bin,
+      // as in the SIMD form, where max_bits - b wraps around. Bin 0 would put it beside the row max.
+      if (b & 0x80000000u) return kHistBins - 1;
       const uint32_t d = b >= max_bits ? 0u : (max_bits - b) >> kProbBinShift;
       return d < (uint32_t)(kHistBins - 1) ? (int)d : kHistBins - 1;
     }
