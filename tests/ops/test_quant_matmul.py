@@ -145,6 +145,24 @@ def test_cuda_matches_reference(bits, dtype):  # the CUDA kernels have not run y
         assert ((y.double() - ref).abs() <= tol * mag + UOUT[dtype] * ref.abs() + 1e-6).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_unaligned_and_tall_inputs(dtype):
+    """A contiguous x that starts mid-word (the kernels load 4-byte words) and more row tiles than
+    gridDim.y allows (65535): both must give the CPU's answer, not a launch or alignment fault."""
+    qw = quantize(_weight(40, 64), bits=4, group_size=32)
+    qc = qw.to("cuda")
+    buf = torch.randn(17 * 64 + 1).to(dtype)
+    x = buf[1:].view(17, 64)
+    y = quant_matmul(buf.cuda()[1:].view(17, 64), qc).cpu()
+    torch.testing.assert_close(y, quant_matmul(x, qw), rtol=1e-2, atol=1e-2)
+    M = 8 * 65535 + 24 if dtype == torch.float32 else 32 * 65535 + 40  # rows per grid.y: 8 (SIMT), 32 (mma)
+    x = torch.randn(M, 64).to(dtype)
+    y = quant_matmul(x.cuda(), qc).cpu()
+    for rows in (slice(0, 50), slice(M - 50, M), slice(65520, 65540)):
+        torch.testing.assert_close(y[rows], quant_matmul(x[rows], qw), rtol=1e-2, atol=1e-2)
+
+
 # --------------------------------------------------------------------------- quant_matmul
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUPS)

@@ -387,19 +387,35 @@ Tensor quant_matmul_cuda_impl(const Tensor& x, const Tensor& packed, const Tenso
   out_shape.back() = N;
   Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y.view(out_shape);
-  const Tensor xc = x.reshape({M, K}).contiguous();
+  // The kernels load x in 4-byte words and the codes in 8/16-byte vectors: a contiguous view that
+  // starts mid-word (e.g. buf[1:].view(...)) would fault with a sticky misaligned-address error, so
+  // such inputs are copied to a fresh (aligned) buffer first.
+  auto aligned = [](const Tensor& t) {
+    const Tensor c = t.contiguous();
+    return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+  };
+  const Tensor xc = aligned(x.reshape({M, K}));
+  const Tensor pc = aligned(packed);
   const Tensor sf = scales.to(at::kFloat).contiguous();
   const Tensor zc = zeros ? zeros->contiguous() : Tensor();
   const Tensor bc = bias ? bias->contiguous() : Tensor();
   QmmCudaParams p;
-  p.x = xc.data_ptr(); p.dtype = dtype_of(x.scalar_type());
-  p.M = M; p.N = N; p.K = K; p.G = group_size; p.bits = (int)bits;
-  p.codes = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  p.dtype = dtype_of(x.scalar_type());
+  p.N = N; p.K = K; p.G = group_size; p.bits = (int)bits;
+  p.codes = reinterpret_cast<const uint32_t*>(pc.data_ptr<int32_t>());
   p.scales = sf.data_ptr<float>();
   p.zeros = zeros ? zc.data_ptr<uint8_t>() : nullptr;
   p.bias = bias ? bc.data_ptr() : nullptr;
-  p.y = y.data_ptr();
-  check_launch(quant_matmul_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "quant_matmul");
+  // The row tiles go on gridDim.y (at most 65535): very tall inputs run as slabs of kSlab rows, a
+  // multiple of 8 so every slab of x and y keeps the base's 16-byte alignment.
+  constexpr int64_t kSlab = 65528;
+  const int64_t esz = x.element_size();
+  for (int64_t m0 = 0; m0 < M; m0 += kSlab) {
+    p.M = M - m0 < kSlab ? M - m0 : kSlab;
+    p.x = static_cast<const char*>(xc.data_ptr()) + m0 * K * esz;
+    p.y = static_cast<char*>(y.data_ptr()) + m0 * N * esz;
+    check_launch(quant_matmul_cuda(p, at::cuda::getCurrentCUDAStream().stream()), "quant_matmul");
+  }
   return y.view(out_shape);
 }
 #endif  // TTSCALE_WITH_CUDA
