@@ -2,7 +2,8 @@
 table, one JSON), H=32, Hkv=8, D=128, fp32 and bf16:
 
   * prefill B=1, S=2048, causal: ttscale.attention vs torch SDPA       (attention_prefill.cases)
-  * decode, one 8192-token sequence: ttscale.paged_attention vs SDPA  (attention_decode.decode_case)
+  * decode, one 8192-token sequence: ttscale.paged_attention vs SDPA  (attention_decode.decode_case),
+    pages scattered in the pool, then ours again with the pages in address order
   * 64 branches sharing a 4096-token prefix, 128-token private suffixes: SharedPrefixDecode vs
     per-branch paged decode and vs a plain-torch grouped matmul       (attention_decode.shared_prefix_case)
     with the roofline bound on the speed-up that sharing can give on this machine.
@@ -31,8 +32,7 @@ def main(argv=None) -> int:
     ceil = harness.ceilings(args.device, quick=args.quick)
     results = []
     for dt in dtypes:
-        suite = [*attention_prefill.cases(args.device, dt), attention_decode.decode_case(args.device, dt),
-                 attention_decode.shared_prefix_case(args.device, dt)]
+        suite = [*attention_prefill.cases(args.device, dt), *attention_decode.cases(args.device, dt)]
         for case in suite:
             if case.name.startswith("shared"):
                 rl = attention_decode.roofline(case, ceil)
