@@ -15,6 +15,7 @@ grid of V x dtype x logit scale x filter is marked ``slow``.
 import math
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -892,6 +893,7 @@ def test_sample_bad_shapes_and_dtypes():
     _raises(TypeError, "top_k", sample, x, seed=1, top_k=2.5)
     _raises(TypeError, "temperature", sample, x, seed=1, temperature="hot")
     _raises(TypeError, "top_p", sample, x, seed=1, top_p=True)
+    _raises(ValueError, "top_k must fit in int64", sample, x, seed=1, top_k=2**70)
     # indices
     _raises(ERR, "indices", sample, x, indices=torch.tensor([0.0, 1.0]), seed=1)
     _raises(ERR, "indices", sample, x, indices=torch.zeros(2, 2, dtype=torch.long), seed=1)
@@ -1134,3 +1136,36 @@ def test_probs_negative_zero_is_zero(device, kw, cpu_isa):
     b = sample_from_probs(neg.to(device), indices=idx.to(device), seed=11, **kw).cpu()
     assert torch.equal(a, b)
     assert bool((p[idx, a] > 0).all())
+
+
+@pytest.mark.parametrize("V,val", [(5, 1e30), (300, 2.0 ** 100), (5, 1e38), (300, 1e37)])
+def test_probs_sum_beyond_float32_range(V, val, cpu_isa):
+    """Rows need not be normalised. Up to 2^100 per value they are sampled from their law (the fp32
+    block sums stay finite); above, a clear error, where they used to overflow to inf and draw the
+    last token every time."""
+    p = torch.full((1, V), val)  # every entry finite; the law is uniform over V tokens
+    idx = torch.zeros(40 * V, dtype=torch.long)
+    for kw in (dict(), dict(top_p=0.9), dict(min_p=0.5), dict(top_k=3)):
+        if val > 2.0 ** 100:
+            with pytest.raises(ValueError, match=r"probs row 0 has a value of .* above 2\^100"):
+                sample_from_probs(p, seed=1, indices=idx, return_logprobs=True, **kw)
+            continue
+        tok, lp = sample_from_probs(p, seed=1, indices=idx, return_logprobs=True, **kw)
+        counts = torch.bincount(tok, minlength=V)
+        n = min(V, kw.get("top_k", V))
+        assert int((counts > 0).sum()) >= n, f"{kw}: tokens of positive probability never drawn: {counts.tolist()[:10]}"
+        torch.testing.assert_close(lp.double(), torch.full_like(lp, -math.log(V), dtype=torch.float64),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_scalar_params_as_numpy_and_0d_tensors(cpu_isa):
+    """A 0-d tensor is one value for every row (as for seed), numpy scalars are numbers: the same
+    draws as the Python numbers."""
+    x = make_logits(5, 300, seed=3)
+    py = dict(temperature=0.7, top_k=40, top_p=0.9, min_p=0.02)
+    ref = sample(x, seed=4, **py)
+    assert torch.equal(sample(x, seed=4, **{k: torch.tensor(v) for k, v in py.items()}), ref)
+    npy = dict(temperature=np.float64(0.7), top_k=np.int64(40), top_p=np.float64(0.9), min_p=np.float64(0.02))
+    assert torch.equal(sample(x, seed=4, **npy), ref)
+    t = torch.tensor([0, 5, 9, 1, 299])
+    torch.testing.assert_close(token_logprobs(x, t, temperature=torch.tensor(0.7)), token_logprobs(x, t, temperature=0.7))

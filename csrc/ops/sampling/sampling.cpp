@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -176,6 +177,13 @@ float raw_value(const RowView& row, int64_t j) {
 }
 
 // Mass of a score in double precision (plans and logprobs; the SIMD passes use the fp32 poly exp).
+std::string too_large_message(int64_t row, double m) {
+  std::ostringstream os;
+  os << "probs row " << row << " has a value of " << m << ", above 2^100: rows need not sum to 1, but their "
+     << "sums must stay far inside float32 (divide the row by its maximum first)";
+  return os.str();
+}
+
 double mass_of(const ScoreMap& map, float s) { return map.probs_mode ? (double)s : std::exp((double)s); }
 
 void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, int64_t k, double top_p, double min_p,
@@ -212,6 +220,10 @@ void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, i
   }
   if (probs && !(m > 0.0f)) {
     err.set(r, "probs row " + std::to_string(r) + " sums to zero");
+    return;
+  }
+  if (probs && m > kMaxProb) {
+    err.set(r, too_large_message(r, m));
     return;
   }
   plan.argmax = arg;
@@ -649,6 +661,7 @@ std::tuple<Tensor, Tensor> sample_cuda_impl(const Tensor& x, const c10::optional
     TT_CHECK_VALUE(code != kStatusNoMass || is_probs, "logits row ", row,
                    " has no finite value (every token is masked with -inf)");
     TT_CHECK_VALUE(code != kStatusNoMass || !is_probs, "probs row ", row, " sums to zero");
+    TT_CHECK_VALUE(code != kStatusTooLarge, too_large_message(row, x.select(0, row).max().item<double>()));
   }
   return {tokens, logprobs};
 }

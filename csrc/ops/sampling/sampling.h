@@ -42,6 +42,11 @@ constexpr int kHistBins = 2048;          // top-p histogram bins
 constexpr float kHistRange = 40.0f;      // logits mode: bins cover s in [-40, 0]; below: last bin
 constexpr int kProbBinShift = 20;        // probs mode: bin by float bits (8 bins per octave)
 constexpr int64_t kTopkScratchBytes = 8;  // per heap entry (float value, int32 id)
+// probs mode: rows need not sum to 1, but their masses are summed in fp32 (per SIMD lane / CUDA
+// octet) before the double totals, so a row whose largest value is above this is rejected (a clear
+// error) instead of overflowing to inf and drawing from a wrong law. 2^100 leaves every block sum
+// (<= 256 values) far inside float32.
+constexpr float kMaxProb = 1.2676506002282294e30f;  // 2^100
 
 // Maps a row's raw values to scores, mass and histogram bins.
 struct ScoreMap {

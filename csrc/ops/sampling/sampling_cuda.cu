@@ -700,6 +700,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(SampleCudaParams p, 
   if (bad != INT_MAX) code = kStatusBadValue;
   else if (!probs && m == -INFINITY) code = kStatusNoMass;
   else if (probs && !(m > 0.0f)) code = kStatusNoMass;
+  else if (probs && m > kMaxProb) code = kStatusTooLarge;
   if (code != kStatusOk) {
     if (tid == 0) {
       pl.kind = kError;

@@ -13,9 +13,10 @@
 namespace ttscale {
 namespace sampling {
 
-// status[0]: 0 = ok, 1 = NaN or +inf in a row, 2 = a row with no mass (all -inf logits / zero probs)
+// status[0]: 0 = ok, 1 = NaN or +inf in a row, 2 = a row with no mass (all -inf logits / zero probs),
+// 3 = a probs row with a value above kMaxProb
 // status[1]: the smallest offending row (kernels write it with atomicMin; host initialises to INT32_MAX)
-constexpr int kStatusOk = 0, kStatusBadValue = 1, kStatusNoMass = 2;
+constexpr int kStatusOk = 0, kStatusBadValue = 1, kStatusNoMass = 2, kStatusTooLarge = 3;
 
 struct SampleCudaParams {
   const void* x = nullptr;     // [B, V] rows `row_stride` elements apart, last dim contiguous

@@ -28,6 +28,7 @@ Rows containing NaN or ``+inf`` raise ValueError, and so does a row whose every 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -37,24 +38,33 @@ Param = Union[None, float, int, torch.Tensor]
 __all__ = ["sample", "sample_from_probs", "token_logprobs", "speculative_verify"]
 
 
-def _float_param(x: Param, name: str, default: float) -> Tuple[Optional[torch.Tensor], float]:
+def _row_tensor(x: torch.Tensor, rows: int) -> torch.Tensor:
+    # a 0-d tensor is one value for every row (as for seed); expanded, not read, so the call stays
+    # free of host syncs (CUDA-graph safe)
+    return x.reshape(1).expand(rows) if x.dim() == 0 else x
+
+
+def _float_param(x: Param, name: str, default: float, rows: int) -> Tuple[Optional[torch.Tensor], float]:
     if x is None:
         return None, default
     if isinstance(x, torch.Tensor):
-        return x, default
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return _row_tensor(x, rows), default
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # Python and numpy reals, not bools
         raise TypeError(f"ttscale: {name} must be None, a number or a tensor, got {type(x).__name__}")
     return None, float(x)
 
 
-def _int_param(x: Param, name: str) -> Tuple[Optional[torch.Tensor], int]:
+def _int_param(x: Param, name: str, rows: int) -> Tuple[Optional[torch.Tensor], int]:
     if x is None:
         return None, 0
     if isinstance(x, torch.Tensor):
-        return x, 0
-    if isinstance(x, bool) or not isinstance(x, int):
+        return _row_tensor(x, rows), 0
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):  # Python and numpy integers
         raise TypeError(f"ttscale: {name} must be None, an int or an integer tensor, got {type(x).__name__}")
-    return None, int(x)
+    v = int(x)
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"ttscale: {name} must fit in int64, got {v}")
+    return None, v
 
 
 def _as_seed_tensor(x: Union[int, torch.Tensor], name: str, device: torch.device) -> torch.Tensor:
@@ -94,10 +104,11 @@ def _seed_offset(
 def _sample_impl(x, probs_mode, temperature, top_k, top_p, min_p, indices, generator, seed, offset, return_logprobs):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"ttscale: {'probs' if probs_mode else 'logits'} must be a tensor")
-    t_arr, t_val = _float_param(temperature, "temperature", 1.0)
-    k_arr, k_val = _int_param(top_k, "top_k")
-    p_arr, p_val = _float_param(top_p, "top_p", 1.0)
-    m_arr, m_val = _float_param(min_p, "min_p", 0.0)
+    rows = x.shape[0] if x.dim() > 0 else 1
+    t_arr, t_val = _float_param(temperature, "temperature", 1.0, rows)
+    k_arr, k_val = _int_param(top_k, "top_k", rows)
+    p_arr, p_val = _float_param(top_p, "top_p", 1.0, rows)
+    m_arr, m_val = _float_param(min_p, "min_p", 0.0, rows)
     s, o = _seed_offset(generator, seed, offset, x.device)
     tokens, logprobs = torch.ops.ttscale.sample(
         x, t_arr, t_val, k_arr, k_val, p_arr, p_val, m_arr, m_val, indices, s, o, probs_mode, return_logprobs
@@ -150,14 +161,17 @@ def sample_from_probs(
     return_logprobs: bool = False,
 ):
     """Like :func:`sample`, from non-negative probabilities ``[B, V]`` (rows need not sum to 1;
-    they are renormalised). No temperature. Logprobs are ``log(p / sum(p))``."""
+    they are renormalised, but values above 2^100 are rejected: the row sums run in float32 lanes).
+    No temperature. Logprobs are ``log(p / sum(p))``."""
     return _sample_impl(probs, True, None, top_k, top_p, min_p, indices, generator, seed, offset, return_logprobs)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, *, temperature: Param = None) -> torch.Tensor:
     """``log_softmax(logits / temperature)[b, tokens[b]]`` as float32 ``[B]``, without
     materialising the log-softmax (two streaming passes per row). ``temperature`` 0 counts as 1."""
-    t_arr, t_val = _float_param(temperature, "temperature", 1.0)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError("ttscale: logits must be a tensor")
+    t_arr, t_val = _float_param(temperature, "temperature", 1.0, logits.shape[0] if logits.dim() > 0 else 1)
     return torch.ops.ttscale.token_logprobs(logits, tokens, t_arr, t_val)
 
 
