@@ -67,11 +67,16 @@ class QuantLinear(nn.Module):
 
 def quantize_model(model: nn.Module, bits: int = 4, group_size: int = 128, symmetric: bool = False,
                    filter: Optional[Callable[[str, nn.Module], bool]] = None) -> nn.Module:
+    """Replace, in place, every ``nn.Linear`` of ``model`` (those ``filter(name, module)`` accepts, and
+    whose in_features are a multiple of ``group_size``) by a :class:`QuantLinear`, and return ``model``.
+    A bare ``nn.Linear`` has no parent to replace it in: a new QuantLinear is returned instead."""
     targets = []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and (filter is None or filter(name, mod)):
             if group_size == -1 or mod.in_features % group_size == 0:
                 targets.append(name)
+    if "" in targets:  # the model itself
+        return QuantLinear.from_linear(model, bits, group_size, symmetric)
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

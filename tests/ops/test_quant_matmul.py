@@ -10,6 +10,7 @@
 * opcheck, torch.compile(fullgraph=True), and every bad input.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,25 @@ def test_quantize_scale_dtypes(scale_dtype):
     assert torch.equal(unpack(qw).to(torch.int64), q)
     x = torch.randn(3, 128)
     _check_matmul(x, qw)
+
+
+def test_quantize_float16_scale_range():
+    """float16 scales: an all-zero group's scale floors at float16's smallest normal (EPS would round
+    to a zero scale and NaN codes), and a scale above float16's range is an error, not an inf scale
+    whose products are NaN."""
+    w = _weight(16, 64)
+    w[3, 32:] = 0.0
+    w[5, :32] = 1e-9
+    qw = quantize(w, bits=4, group_size=32, scale_dtype=torch.float16)
+    q, s, z = quantize_ref(w, 4, 32, False, torch.float16)
+    assert torch.equal(qw.scales, s) and torch.equal(unpack(qw).to(torch.int64), q)
+    assert torch.isfinite(qw.scales.float()).all() and bool((qw.scales.float() > 0).all())
+    assert torch.isfinite(dequantize(qw)).all()
+    _check_matmul(torch.randn(2, 64), qw)
+    w[7, 40] = 3e5  # 2-bit scale 1e5 > 65504
+    with pytest.raises(ValueError, match=r"scale of row 7, group 1 .* does not fit scale_dtype torch.float16"):
+        quantize(w, bits=2, group_size=32, scale_dtype=torch.float16)
+    quantize(w, bits=2, group_size=32, scale_dtype=torch.bfloat16)  # fits there
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -258,6 +278,30 @@ def _op_args(m=3, bias=True, sym=False):
     return (x, qw.packed, qw.scales, qw.zeros, 4, 32, torch.randn(48) if bias else None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_perm", [False, True])
+def test_quant_matmul_backward(dtype, with_perm):
+    """Frozen weights, gradients to x and bias: against autograd through x @ dequantize(W)^T in float64
+    (it used to return x.grad = None with only a deprecation warning)."""
+    import dataclasses
+
+    qw = quantize(_weight(40, 64), bits=4, group_size=32)
+    if with_perm:  # GPTQ act-order: x's columns are permuted inside quant_matmul
+        qw = dataclasses.replace(qw, perm=torch.randperm(64, generator=torch.Generator().manual_seed(2)))
+    x = torch.randn(3, 5, 64).to(dtype).requires_grad_()
+    b = torch.randn(40).to(dtype).requires_grad_()
+    y = quant_matmul(x, qw, bias=b)
+    g = torch.randn(y.shape).to(dtype)
+    y.backward(g)
+    xr = x.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_()
+    (xr @ dequantize(qw).double().T + br).backward(g.double())
+    assert x.grad.dtype == dtype and b.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=tol * xr.grad.abs().max().item(), rtol=tol)
+    torch.testing.assert_close(b.grad.double(), br.grad, atol=tol * br.grad.abs().max().item(), rtol=tol)
+
+
 def test_opcheck():
     torch.library.opcheck(torch.ops.ttscale.quant_matmul.default, _op_args())
     torch.library.opcheck(torch.ops.ttscale.quant_matmul.default, _op_args(m=20, bias=False, sym=True))
@@ -283,6 +327,14 @@ def test_bad_quantize_inputs():
         quantize(w, bits=5)
     with pytest.raises(ValueError, match="group_size must be one of"):
         quantize(w, group_size=16)
+    # integers only: a float or bool that compares equal to a valid value used to slip through
+    with pytest.raises(ValueError, match=r"bits must be one of .* \(an integer\), got 4.0"):
+        quantize(w, bits=4.0)
+    with pytest.raises(ValueError, match=r"group_size must be one of .* \(an integer\), got 32.0"):
+        quantize(w, group_size=32.0)
+    with pytest.raises(ValueError, match=r"bits must be one of .* \(an integer\), got True"):
+        quantize(w, bits=True)
+    assert quantize(w, bits=np.int64(4), group_size=np.int32(32)).bits == 4  # numpy integers are integers
     for bad in (float("nan"), float("inf"), -float("inf")):
         w2 = w.clone()
         w2[3, 7] = bad
@@ -292,6 +344,16 @@ def test_bad_quantize_inputs():
         quantize(torch.randn(128))
     with pytest.raises(TypeError, match="w must be a floating-point tensor"):
         quantize(torch.ones(4, 128, dtype=torch.int32))
+
+
+def test_quantized_weight_inconsistent_fields():
+    import dataclasses
+
+    qw = quantize(_weight(40, 128), bits=4, group_size=32)
+    with pytest.raises(ValueError, match=r"qw.scales has shape \(40, 4\), but qw.shape = \(48, 128\)"):
+        quant_matmul(torch.randn(2, 128), dataclasses.replace(qw, shape=(48, 128)))
+    with pytest.raises(ValueError, match=r"qw.perm must be int64 \[K\] = \[128\]"):
+        quant_matmul(torch.randn(2, 128), dataclasses.replace(qw, perm=torch.arange(64)))
 
 
 def test_bad_quant_matmul_inputs():
@@ -350,10 +412,13 @@ def test_quant_linear_and_quantize_model():
                                 torch.nn.Linear(48, 8))  # 48 % 32 != 0: left as nn.Linear
     xin = torch.randn(4, 64)
     y_dense = model(xin)
-    quantize_model(model, bits=8, group_size=32, symmetric=True)
+    assert quantize_model(model, bits=8, group_size=32, symmetric=True) is model
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], QuantLinear)
     assert type(model[3]) is torch.nn.Linear
     torch.testing.assert_close(model(xin), y_dense, atol=2e-2, rtol=2e-2)
+    # a bare nn.Linear cannot be replaced in a parent: a new QuantLinear comes back
+    ql3 = quantize_model(lin, bits=4, group_size=32)
+    assert isinstance(ql3, QuantLinear) and torch.equal(ql3(x), ql(x))
 
 
 def test_quant_linear_apply_keeps_layout():

@@ -49,6 +49,7 @@ Checkpoint import (exact: ``dequantize`` equals the checkpoint's own ``(q - z) *
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -58,6 +59,12 @@ __all__ = ["QuantizedWeight", "quantize", "dequantize", "unpack", "pack", "repac
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 EPS = 1e-12
+
+
+def scale_eps(scale_dtype: torch.dtype) -> float:
+    """The floor of a group's scale: EPS, or the scale dtype's smallest normal number when that is
+    larger (float16: 6.1e-5; EPS would round to a zero scale there, and the codes to NaN)."""
+    return max(EPS, float(torch.finfo(scale_dtype).tiny))
 CPU_LAYOUT = "cpu_n16"
 CUDA_LAYOUT = "cuda_k32"
 LAYOUTS = (CPU_LAYOUT, CUDA_LAYOUT)
@@ -112,15 +119,25 @@ class QuantizedWeight:
         return n
 
 
-def _check_format(bits: int, group_size: int, k: int, name: str = "w") -> int:
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"ttscale: bits must be one of {SUPPORTED_BITS}, got {bits}")
-    if group_size not in SUPPORTED_GROUP_SIZES:
-        raise ValueError(f"ttscale: group_size must be one of {SUPPORTED_GROUP_SIZES}, got {group_size}")
+def _format_int(v, name: str, allowed) -> int:
+    # an integer (int, numpy or 0-d integer tensor), not a float or bool that compares equal to one:
+    # 4.0 in (2, 3, 4, 8) is True, and then shifts and reshapes fail far from here
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+        raise ValueError(f"ttscale: {name} must be one of {allowed} (an integer), got {v!r}")
+    v = operator.index(v)
+    if v not in allowed:
+        raise ValueError(f"ttscale: {name} must be one of {allowed}, got {v}")
+    return v
+
+
+def _check_format(bits: int, group_size: int, k: int, name: str = "w") -> Tuple[int, int, int]:
+    """(bits, group_size, group width) as ints, after checking them against K."""
+    bits = _format_int(bits, "bits", SUPPORTED_BITS)
+    group_size = _format_int(group_size, "group_size", SUPPORTED_GROUP_SIZES)
     g = k if group_size == -1 else group_size
     if k <= 0 or k % g != 0:
         raise ValueError(f"ttscale: {name} in_features K = {k} must be a positive multiple of group_size = {group_size}")
-    return g
+    return bits, group_size, g
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -193,19 +210,25 @@ def quantize(w: torch.Tensor, *, bits: int = 4, group_size: int = 128, symmetric
     if scale_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"ttscale: scale_dtype must be float32, float16 or bfloat16, got {scale_dtype}")
     n, k = w.shape
-    g = _check_format(bits, group_size, k)
+    bits, group_size, g = _check_format(bits, group_size, k)
     if w.device.type != "cpu":
         raise NotImplementedError(f"ttscale: quantize has no {w.device.type} layout yet (only {CPU_LAYOUT!r})")
     if n > 0 and not bool(torch.isfinite(w).all()):
         raise ValueError("ttscale: w contains NaN or inf")
     qmax = (1 << bits) - 1
     wg = w.detach().to(torch.float64).reshape(n, k // g, g)
+    eps = scale_eps(scale_dtype)
     if symmetric:
-        s = (2.0 * wg.abs().amax(-1) / qmax).clamp(min=EPS)
+        s = (2.0 * wg.abs().amax(-1) / qmax).clamp(min=eps)
     else:
         hi = wg.amax(-1).clamp(min=0)
         lo = wg.amin(-1).clamp(max=0)
-        s = ((hi - lo) / qmax).clamp(min=EPS)
+        s = ((hi - lo) / qmax).clamp(min=eps)
+    fmax = torch.finfo(scale_dtype).max
+    if n > 0 and k > 0 and float(s.max()) > fmax:
+        r, c = divmod(int(s.argmax()), k // g)
+        raise ValueError(f"ttscale: the scale of row {r}, group {c} ({float(s.max()):.4g}) does not fit "
+                         f"scale_dtype {scale_dtype} (max {fmax:.4g}); use float32 or bfloat16 scales")
     s_st = s.to(scale_dtype)
     s64 = s_st.to(torch.float64)
     if symmetric:
@@ -232,7 +255,12 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 
 def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = x @ dequantize(qw)^T (+ bias)``: ``x [..., K]`` float32/float16/bfloat16 -> ``[..., N]``
-    in ``x.dtype``, fp32 accumulation. ``bias [N]`` must have ``x``'s dtype."""
+    in ``x.dtype``, fp32 accumulation. ``bias [N]`` must have ``x``'s dtype.
+
+    The kernels sum ``q * x`` per group (and ``z * sum(x)``) before applying the scale, so those
+    sums, up to about ``2^bits * G * max|x|``, must stay inside float32: activations beyond ~1e33
+    overflow where ``x @ W'^T`` itself would not. Differentiable in ``x`` and ``bias`` (the weight is
+    frozen)."""
     if not isinstance(qw, QuantizedWeight):
         raise TypeError(f"ttscale: qw must be a QuantizedWeight, got {type(qw).__name__}")
     if qw.layout not in LAYOUTS:
@@ -241,7 +269,13 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.T
     if qw.layout != want:
         raise ValueError(f"ttscale: qw has layout {qw.layout!r} but is on {qw.device}, whose kernels read {want!r} "
                          f"(use qw.to({str(qw.device)!r}))")
+    n, k = qw.shape
+    if tuple(qw.scales.shape) != (n, k // qw.group):
+        raise ValueError(f"ttscale: qw.scales has shape {tuple(qw.scales.shape)}, but qw.shape = {tuple(qw.shape)} "
+                         f"with group_size {qw.group_size} needs [N, K/G] = [{n}, {k // qw.group}]")
     if qw.perm is not None:
+        if tuple(qw.perm.shape) != (k,) or qw.perm.dtype != torch.int64:
+            raise ValueError(f"ttscale: qw.perm must be int64 [K] = [{k}], got {qw.perm.dtype} {tuple(qw.perm.shape)}")
         if x.shape[-1] != qw.shape[1]:
             raise RuntimeError(f"ttscale: x last dimension must equal the weight's in_features K = {qw.shape[1]}, "
                                f"got shape {tuple(x.shape)}")
@@ -252,6 +286,32 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.T
 @torch.library.register_fake("ttscale::quant_matmul")
 def _quant_matmul_fake(x, packed, scales, zeros, bits, group_size, bias):
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
+
+
+def _quant_matmul_setup_context(ctx, inputs, output):
+    x, packed, scales, zeros, bits, group_size, bias = inputs
+    ctx.save_for_backward(packed, scales, zeros)
+    ctx.meta = (bits, group_size, x.shape[-1], x.dtype, bias is not None)
+
+
+def _quant_matmul_backward(ctx, grad):
+    """The weights are frozen (codes and scales get no gradient): grad_x = grad_y @ W' with W' the
+    dequantised weight (fp32 math, x's dtype), grad_bias = grad_y summed over the leading dims. So a
+    QuantLinear passes gradients through to what comes before it (adapters, earlier layers)."""
+    packed, scales, zeros = ctx.saved_tensors
+    bits, group_size, k, dtype, has_bias = ctx.meta
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        layout = CPU_LAYOUT if packed.device.type == "cpu" else CUDA_LAYOUT
+        w = dequantize(QuantizedWeight(packed, scales, zeros, bits, group_size, (scales.shape[0], k), layout))
+        gx = (grad.to(torch.float32) @ w).to(dtype)
+    if has_bias and ctx.needs_input_grad[6]:
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return gx, None, None, None, None, None, gb
+
+
+torch.library.register_autograd("ttscale::quant_matmul", _quant_matmul_backward,
+                                setup_context=_quant_matmul_setup_context)
 
 
 @torch.library.register_fake("ttscale::quant_pack_k32")

@@ -24,15 +24,16 @@ def quantize_ref(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     g = k if group_size == -1 else group_size
     qmax = 2 ** bits - 1
     w = w.to(torch.float64)
+    eps = max(EPS, float(torch.finfo(scale_dtype).tiny))  # float16: its smallest normal, not a zero scale
     qs, ss, zs = [], [], []
     for j in range(k // g):
         wg = w[:, j * g:(j + 1) * g]
         if symmetric:
-            s = torch.maximum(2 * wg.abs().max(dim=1).values / qmax, torch.tensor(EPS, dtype=torch.float64))
+            s = torch.maximum(2 * wg.abs().max(dim=1).values / qmax, torch.tensor(eps, dtype=torch.float64))
         else:
             mx = torch.maximum(wg.max(dim=1).values, torch.zeros(n, dtype=torch.float64))
             mn = torch.minimum(wg.min(dim=1).values, torch.zeros(n, dtype=torch.float64))
-            s = torch.maximum((mx - mn) / qmax, torch.tensor(EPS, dtype=torch.float64))
+            s = torch.maximum((mx - mn) / qmax, torch.tensor(eps, dtype=torch.float64))
         s = s.to(scale_dtype).to(torch.float64)
         if symmetric:
             z = torch.full((n,), 2.0 ** (bits - 1), dtype=torch.float64)
