@@ -15,7 +15,9 @@ namespace attn {
 // FlashInfer). Causal: k_pos <= q_pos. Sliding window (window_left >= 0): k_pos >= q_pos - window_left.
 TT_HD bool visible(int64_t q_pos, int64_t k_pos, bool causal, int64_t window_left) {
   if (causal && k_pos > q_pos) return false;
-  if (window_left >= 0 && k_pos < q_pos - window_left) return false;
+  // q_pos - k_pos > window_left: q_pos - window_left would overflow for a window near INT64_MAX
+  // (sys.maxsize as "no window") and a negative q_pos (more queries than keys)
+  if (window_left >= 0 && q_pos - k_pos > window_left) return false;
   return true;
 }
 
@@ -23,8 +25,7 @@ TT_HD bool visible(int64_t q_pos, int64_t k_pos, bool causal, int64_t window_lef
 TT_HD void visible_range(int64_t q_pos, int64_t kv_len, bool causal, int64_t window_left, int64_t* k_begin,
                          int64_t* k_end) {
   int64_t e = causal ? (q_pos + 1 < kv_len ? q_pos + 1 : kv_len) : kv_len;
-  int64_t b = window_left >= 0 ? q_pos - window_left : 0;
-  if (b < 0) b = 0;
+  int64_t b = (window_left >= 0 && window_left < q_pos) ? q_pos - window_left : 0;  // no overflow (see visible)
   if (e < b) e = b;
   *k_begin = b;
   *k_end = e;

@@ -34,7 +34,10 @@ constexpr int kMR = 4, kNV = 2;
 constexpr int kNC = kNV * W;  // columns per micro-tile
 static_assert(64 % kNC == 0, "head dims must be multiples of the micro-tile width");
 
-// vector tanh(x) = 1 - 2 / (exp(2x) + 1) (exp saturates: +-1 for large |x|)
+// vector tanh(x). |x| >= 1/4: 1 - 2 / (exp(2x) + 1) (exp saturates: +-1 for large |x|). Below, that
+// form cancels (its absolute error stays ~1e-7 while tanh(x) ~ x shrinks), and softcap multiplies
+// the error by the cap: at cap 1e3 the output error was 100x plain torch's. There the Taylor series
+// x - x^3/3 + 2x^5/15 - 17x^7/315 + 62x^9/2835 (next term < 2e-9 x at |x| < 1/4).
 inline VF vtanh(VF x) {
   const VF e = exp(add(x, x));
   const VF one = set1(1.0f);
@@ -47,7 +50,12 @@ inline VF vtanh(VF x) {
   for (int i = 0; i < W; ++i) r.v[i] = 1.0f - 2.0f / (e.v[i] + 1.0f);
 #endif
   // exp(2x) overflows to its clamp for x > ~44: 1 - 2/(big) rounds to 1, as wanted.
-  return r;
+  const VF x2 = mul(x, x);
+  VF p = fmadd(x2, set1(62.0f / 2835.0f), set1(-17.0f / 315.0f));
+  p = fmadd(p, x2, set1(2.0f / 15.0f));
+  p = fmadd(p, x2, set1(-1.0f / 3.0f));
+  const VF t = fmadd(mul(p, x2), x, x);
+  return select(cmp_gt(set1(0.0625f), x2), t, r);
 }
 inline VF vbroadcast(const float* p) { return set1(*p); }
 

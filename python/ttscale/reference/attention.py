@@ -28,7 +28,7 @@ def _one(q, k, v, causal, scale, window_left, softcap):
     if causal:
         vis &= kj <= pos
     if window_left >= 0:
-        vis &= kj >= pos - window_left
+        vis &= (pos - kj) <= window_left  # not kj >= pos - window_left: int64 overflow near sys.maxsize
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [h, q]; -inf where nothing is visible
     p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])

@@ -59,7 +59,7 @@ def paged_attention_ref(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page
         if causal:
             vis &= kpos <= qpos
         if window_left >= 0:
-            vis &= kpos >= qpos - window_left
+            vis &= (qpos - kpos) <= window_left  # not kpos >= qpos - window_left: int64 overflow
         s = s.masked_fill(~vis, -math.inf)
         l = torch.logsumexp(s, dim=-1)  # [Hq, nq]
         p = torch.exp(s - l.unsqueeze(-1)).nan_to_num(0.0)
