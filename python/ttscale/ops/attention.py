@@ -28,6 +28,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._fake import same_device
+
 __all__ = ["attention"]
 
 
@@ -54,10 +56,7 @@ def attention(
 
 @torch.library.register_fake("ttscale::attention")
 def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left, softcap, return_lse):
-    # A mix of devices dispatches here (Meta / fake wins), so the device check lives here as well.
-    for name, t in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if t is not None and t.device != q.device:
-            raise RuntimeError(f"ttscale: {name} must be on the same device as q ({q.device}), got {t.device}")
+    same_device("q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)  # see _fake.py
     out = q.new_empty(q.shape)
     lse = q.new_empty(tuple(q.shape[:-1]) if return_lse else (0,), dtype=torch.float32)
     return out, lse

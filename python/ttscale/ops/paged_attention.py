@@ -22,6 +22,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._fake import same_device
+
 __all__ = ["paged_attention", "merge_attention_states", "merge_attention_states_", "append_paged_kv", "copy_pages"]
 
 
@@ -131,10 +133,7 @@ def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, 
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
-def _same_device(ref_name, ref, **tensors):
-    for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise RuntimeError(f"ttscale: {name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+_same_device = same_device  # see _fake.py: a mix of devices dispatches to these
 
 
 @torch.library.register_fake("ttscale::paged_attention")
@@ -147,21 +146,27 @@ def _paged_attention_fake(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_pa
 
 @torch.library.register_fake("ttscale::merge_attention_states")
 def _merge_fake(out_a, lse_a, out_b, lse_b):
+    _same_device("out_a", out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     return torch.empty_like(out_a, memory_format=torch.contiguous_format), \
         torch.empty_like(lse_a, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ttscale::merge_attention_states_")
 def _merge_inplace_fake(out, lse, out_other, lse_other):
+    _same_device("out", out, lse=lse, out_other=out_other, lse_other=lse_other)
     return None
 
 
 @torch.library.register_fake("ttscale::append_paged_kv")
 def _append_fake(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices, positions,
                  append_indptr, summaries=None):
+    _same_device("k_cache", k_cache, k=k, v=v, v_cache=v_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
+                 kv_last_page_len=kv_last_page_len, batch_indices=batch_indices, positions=positions,
+                 append_indptr=append_indptr, summaries=summaries)
     return None
 
 
 @torch.library.register_fake("ttscale::copy_pages")
 def _copy_pages_fake(k_cache, v_cache, src, dst, summaries=None):
+    _same_device("k_cache", k_cache, v_cache=v_cache, src=src, dst=dst, summaries=summaries)
     return None

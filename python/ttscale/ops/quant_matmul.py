@@ -54,6 +54,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._fake import same_device
+
 __all__ = ["QuantizedWeight", "quantize", "dequantize", "unpack", "pack", "repack", "quant_matmul", "from_gptq", "from_awq"]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -285,6 +287,7 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.T
 
 @torch.library.register_fake("ttscale::quant_matmul")
 def _quant_matmul_fake(x, packed, scales, zeros, bits, group_size, bias):
+    same_device("x", x, packed=packed, scales=scales, zeros=zeros, bias=bias)  # see _fake.py
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 

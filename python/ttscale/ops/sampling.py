@@ -33,6 +33,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._fake import same_device
+
 Param = Union[None, float, int, torch.Tensor]
 
 __all__ = ["sample", "sample_from_probs", "token_logprobs", "speculative_verify"]
@@ -209,6 +211,9 @@ def speculative_verify(
 @torch.library.register_fake("ttscale::sample")
 def _sample_fake(logits, temperature, temperature_val, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val, indices,
                  seed, offset, is_probs, return_logprobs):
+    name = "probs" if is_probs else "logits"
+    same_device(name, logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, indices=indices,
+                seed=seed, offset=offset)  # see _fake.py
     n = logits.shape[0] if indices is None else indices.shape[0]
     tokens = logits.new_empty((n,), dtype=torch.int64)
     logprobs = logits.new_empty((n if return_logprobs else 0,), dtype=torch.float32)
@@ -217,10 +222,13 @@ def _sample_fake(logits, temperature, temperature_val, top_k, top_k_val, top_p, 
 
 @torch.library.register_fake("ttscale::token_logprobs")
 def _token_logprobs_fake(logits, tokens, temperature, temperature_val):
+    same_device("logits", logits, tokens=tokens, temperature=temperature)
     return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
 
 @torch.library.register_fake("ttscale::speculative_verify")
 def _speculative_verify_fake(draft_tokens, draft_probs, target_probs, seed, offset):
+    same_device("draft_tokens", draft_tokens, draft_probs=draft_probs, target_probs=target_probs, seed=seed,
+                offset=offset)
     b, n = draft_tokens.shape
     return (draft_tokens.new_empty((b, n + 1), dtype=torch.int64), draft_tokens.new_empty((b,), dtype=torch.int64))

@@ -38,6 +38,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ._fake import same_device
+
 __all__ = ["new_page_summaries", "update_page_summaries", "sparse_paged_attention", "attention_mass"]
 
 
@@ -119,21 +121,21 @@ def attention_mass(q: torch.Tensor, k_cache: torch.Tensor, kv_indptr: torch.Tens
 # ---------------------------------------------------------------- fake (meta) kernels
 @torch.library.register_fake("ttscale::new_page_summaries")
 def _new_page_summaries_fake(k_cache, page_lens=None):
+    same_device("k_cache", k_cache, page_lens=page_lens)
     return k_cache.new_empty((k_cache.shape[0], 3, k_cache.shape[2], k_cache.shape[3]))
 
 
 @torch.library.register_fake("ttscale::update_page_summaries")
 def _update_page_summaries_fake(k_cache, summaries, pages, page_lens=None):
+    same_device("k_cache", k_cache, summaries=summaries, pages=pages, page_lens=page_lens)
     return None
 
 
 @torch.library.register_fake("ttscale::sparse_paged_attention")
 def _sparse_paged_attention_fake(q, k_cache, v_cache, summaries, kv_indptr, kv_indices, kv_last_page_len, top_k_pages,
                                  sink_pages, local_pages, scale):
-    for name, t in dict(k_cache=k_cache, v_cache=v_cache, summaries=summaries, kv_indptr=kv_indptr,
-                        kv_indices=kv_indices, kv_last_page_len=kv_last_page_len).items():
-        if t.device != q.device:
-            raise RuntimeError(f"ttscale: {name} must be on the same device as q ({q.device}), got {t.device}")
+    same_device("q", q, k_cache=k_cache, v_cache=v_cache, summaries=summaries, kv_indptr=kv_indptr,
+                kv_indices=kv_indices, kv_last_page_len=kv_last_page_len)  # see _fake.py
     if top_k_pages < 0 or sink_pages < 0 or local_pages < 0:
         raise ValueError("ttscale: top_k_pages, sink_pages and local_pages must be >= 0")
     budget = top_k_pages + sink_pages + local_pages
@@ -144,4 +146,6 @@ def _sparse_paged_attention_fake(q, k_cache, v_cache, summaries, kv_indptr, kv_i
 
 @torch.library.register_fake("ttscale::attention_mass")
 def _attention_mass_fake(q, k_cache, kv_indptr, kv_indices, kv_last_page_len, pages, scale):
+    same_device("q", q, k_cache=k_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
+                kv_last_page_len=kv_last_page_len, pages=pages)
     return q.new_empty((q.shape[0], q.shape[1], pages.shape[2]), dtype=torch.float32)
