@@ -74,8 +74,10 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
 
     ``lse = log(e^lse_a + e^lse_b)``, ``out = e^(lse_a - lse) out_a + e^(lse_b - lse) out_b``. Shapes
     ``[T, H, D]`` (float32/16/bf16, same dtype) and float32 ``[T, H]``. A state with LSE ``-inf``
-    (no keys) contributes nothing; both ``-inf`` gives output 0 and LSE ``-inf``. The operation is
-    commutative and associative (up to rounding).
+    (no keys) gets weight 0 and contributes nothing as long as its ``out`` is finite (the attention
+    ops write zeros there; NaN or inf times 0 is still NaN); both ``-inf`` gives output 0 and LSE
+    ``-inf``. An LSE of ``+inf`` or NaN gives NaN. The operation is commutative and associative (up
+    to rounding).
     """
     return torch.ops.ttscale.merge_attention_states(out_a, lse_a, out_b, lse_b)
 
