@@ -172,7 +172,8 @@ class FakeEngine:
         out = [ExtendResult([], "", "finished") if n.finished else None for n in nodes]
         running = [i for i, n in enumerate(nodes) if not n.finished]
         new = {i: [] for i in running}
-        for t in range(max_new_tokens):
+        caps = [max_new_tokens] * len(nodes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        for t in range(max(caps, default=0)):
             if not running:
                 break
             pages, unshared = {}, 0
@@ -195,7 +196,7 @@ class FakeEngine:
                     reason = "stop_token"
                 elif any(txt.endswith(s) for s in stop_strings):
                     reason = "stop_string"
-                elif len(new[i]) >= max_new_tokens:
+                elif len(new[i]) >= caps[i]:
                     reason = "length"
                 if reason:
                     out[i] = ExtendResult(new[i], txt, reason)

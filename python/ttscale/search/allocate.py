@@ -33,9 +33,14 @@ def softmax(x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64) / temperature
     if x.size == 0:
         return x
+    if np.isnan(x).any():
+        raise ValueError("softmax: scores contain nan")
+    top = np.isposinf(x)
+    if top.any():  # the limit of the softmax as those scores grow: equal shares among them
+        return top / top.sum()
     finite = np.isfinite(x)
     if not finite.any():
-        raise ValueError("softmax: every score is -inf or nan")
+        raise ValueError("softmax: every score is -inf")
     z = np.where(finite, x - x[finite].max(), -np.inf)
     e = np.exp(z)
     return e / e.sum()

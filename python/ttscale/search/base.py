@@ -120,6 +120,12 @@ class Verifier:
             return []
         out = self._step_scores(gen, list(nodes))
         self._stats.calls += 1
+        # Scores are compared and softmaxed by every strategy: NaN has no order (the best-of-n pick
+        # among NaNs was arbitrary), so a verifier that produces one is an error here, where its
+        # name is known, rather than a silent choice later.
+        for i, steps in enumerate(out):
+            if any(math.isnan(float(v)) for v in steps):
+                raise ValueError(f"{type(self).__name__}: step scores of node {i} contain NaN")
         return out
 
     def score(self, gen: Generator, nodes: Sequence[Node], how: Optional[str] = None) -> np.ndarray:

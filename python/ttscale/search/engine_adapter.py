@@ -3,8 +3,8 @@
 Engine API used (``ttscale.engine``)::
 
     engine.prefill(prompt_ids | str) -> Node          engine.fork(node, n) -> list[Node]
-    engine.extend(nodes, *, max_new_tokens, stop_token_ids=(), stop_strings=(), sampling=None,
-                  seed=None) -> list[ExtendResult(token_ids, text, stop_reason)]   # one lock-step batch
+    engine.extend(nodes, *, max_new_tokens (one int per node), stop_token_ids=(), stop_strings=(),
+                  sampling=None, seed=None) -> list[ExtendResult(token_ids, text, stop_reason)]  # lock-step
     engine.release(nodes)   engine.tokens(node)   engine.text(node)   engine.tokenizer (encode/decode/eos)
     node.num_tokens, node.finished, node.id       engine.counters (prefill_tokens, decoded_tokens, forks,
                                                   peak_pages, kv_bytes_read, kv_bytes_read_unshared)
@@ -154,6 +154,12 @@ class EngineGenerator:
     def live_nodes(self) -> int:
         return len(self._meta)
 
+    def _step_caps(self, nodes: Sequence[Any], metas: Sequence[_Meta]) -> List[int]:
+        """Tokens each node may generate in this step: max_step_tokens, but never past
+        max_new_tokens (a step of max_step_tokens from near the cap used to overshoot it)."""
+        return [max(1, min(self.max_step_tokens, self.max_new_tokens - (x.num_tokens - m.prompt_len)))
+                for x, m in zip(nodes, metas)]
+
     def _stop_kwargs(self) -> dict:
         if self.delimiter_id is not None:
             return {"stop_token_ids": (self.delimiter_id,)}
@@ -214,7 +220,8 @@ class EngineGenerator:
             if m.finished:
                 out[i] = Step("", 0, True, "finished")
         if act:
-            res = self.engine.extend([nodes[i] for i in act], max_new_tokens=self.max_step_tokens,
+            res = self.engine.extend([nodes[i] for i in act],
+                                     max_new_tokens=self._step_caps([nodes[i] for i in act], [metas[i] for i in act]),
                                      sampling=self.greedy_sampling if greedy else self.sampling, seed=int(seed),
                                      **self._stop_kwargs())
             self._calls += 1
@@ -328,9 +335,14 @@ class ReprefillGenerator(EngineGenerator):
         out: List[Optional[Step]] = [Step("", 0, True, "finished") if m.finished else None for m in metas]
         act = [i for i, m in enumerate(metas) if not m.finished]
         if act:
-            ens = [self.engine.prefill(list(nodes[i].ids)) for i in act]
+            ens = []
             try:
-                res = self.engine.extend(ens, max_new_tokens=self.max_step_tokens,
+                # inside the try: when the k-th prefill runs out of pages, the k - 1 made before it
+                # must be released too (nothing else holds them)
+                for i in act:
+                    ens.append(self.engine.prefill(list(nodes[i].ids)))
+                res = self.engine.extend(ens, max_new_tokens=self._step_caps([nodes[i] for i in act],
+                                                                             [metas[i] for i in act]),
                                          sampling=self.greedy_sampling if greedy else self.sampling, seed=int(seed),
                                          **self._stop_kwargs())
                 self._calls += 1
