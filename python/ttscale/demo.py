@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from ._argtypes import budget_list, float_at_least, int_at_least
+
 DEFAULT_STRATEGIES = ("majority", "best-of-n", "weighted-bon", "beam", "dvts", "rebase", "particle-filter")
 # the engine path runs a real model on the CPU: five strategies, 20 problems, budgets 1..64 by default
 # (about 3 minutes on 2 cores, measured 2026-11-22; --strategies / --problems / --max-budget change it)
@@ -217,6 +219,26 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _difficulty(text: str) -> int:
+    from ttscale.tasks import modarith
+
+    v = int_at_least(1)(text)
+    if v > modarith.MAX_DIFFICULTY:
+        raise argparse.ArgumentTypeError(f"must be in 1..{modarith.MAX_DIFFICULTY}, got {v}")
+    return v
+
+
+def _writable_dir_of(ap: argparse.ArgumentParser, opt: str, path: str) -> None:
+    # checked before the run, which takes minutes: a bad path used to fail only at the end
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        ap.error(f"{opt} {path}: cannot create its folder ({e.strerror})")
+    if not os.access(d, os.W_OK):
+        ap.error(f"{opt} {path}: its folder {d} is not writable")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ttscale demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,31 +246,46 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="local policy checkpoint directory (default: the built-in one)")
     ap.add_argument("--prm", default=None, help="local PRM checkpoint directory, same tokenizer as the policy "
                     "(default: the built-in PRM)")
-    ap.add_argument("--problems", type=int, default=None, help="held-out problems (default 40 simulated, 20 engine)")
-    ap.add_argument("--max-budget", type=int, default=None, help="budgets 1, 2, 4, ... up to this "
+    ap.add_argument("--problems", type=int_at_least(1), default=None,
+                    help="held-out problems (default 40 simulated, 20 engine)")
+    ap.add_argument("--max-budget", type=int_at_least(1), default=None, help="budgets 1, 2, 4, ... up to this "
                     "(default 64)")
-    ap.add_argument("--budgets", default=None, help="explicit comma-separated budgets (overrides --max-budget)")
+    ap.add_argument("--budgets", type=budget_list, default=None,
+                    help="explicit comma-separated budgets (overrides --max-budget)")
     ap.add_argument("--strategies", default=None,
                     help="comma-separated, from: majority, best-of-n, weighted-bon, self-consistency, beam, dvts, "
                          "rebase, particle-filter, mcts (default: %s; on the engine: %s)"
                          % (",".join(DEFAULT_STRATEGIES), ",".join(ENGINE_DEFAULTS["strategies"])))
-    ap.add_argument("--beam-width", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--difficulty", type=int, default=None, help="task difficulty (engine backend)")
-    ap.add_argument("--max-step-tokens", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--beam-width", type=int_at_least(1), default=4)
+    ap.add_argument("--temperature", type=float_at_least(0.0), default=0.8)
+    ap.add_argument("--difficulty", type=_difficulty, default=None, help="task difficulty (engine backend)")
+    ap.add_argument("--max-step-tokens", type=int_at_least(1), default=32)
+    ap.add_argument("--max-new-tokens", type=int_at_least(1), default=256)
     ap.add_argument("--verifier", choices=("prm", "exact"), default="prm",
                     help="engine backend: the PRM (default) or the task's exact step checker (an oracle PRM: "
                          "what a perfect process reward model would give)")
     ap.add_argument("--prm-aggregate", choices=("min", "prod", "last", "mean"), default="min",
                     help="how the PRM's step scores make a solution score (default min: the built-in PRM "
                          "scores each step given the lines before it)")
-    ap.add_argument("--prm-noise", type=float, default=2.5, help="simulator PRM noise (std of the logit noise)")
+    ap.add_argument("--prm-noise", type=float_at_least(0.0), default=2.5,
+                    help="simulator PRM noise (std of the logit noise)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default="ttscale_demo.png", help="PNG path ('' to skip)")
     ap.add_argument("--json", default=None, help="also write the table as JSON here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    strategies = [x.strip() for x in (args.strategies or "").split(",") if x.strip()]
+    if args.strategies is not None and not strategies:
+        ap.error("--strategies: no strategy named")
+    for name in strategies:
+        try:
+            make_strategy(name, args)  # validate names before spending time
+        except ValueError as e:
+            ap.error(f"--strategies: {e}")
+    if args.plot:
+        _writable_dir_of(ap, "--plot", args.plot)
+    if args.json:
+        _writable_dir_of(ap, "--json", args.json)
 
     backend = None
     user = (args.problems, args.max_budget, args.strategies)
@@ -268,15 +305,8 @@ def main(argv=None) -> int:
         args.strategies = args.strategies or ",".join(DEFAULT_STRATEGIES)
         backend = SimBackend(args)
 
-    if args.budgets:
-        budgets = [int(x) for x in args.budgets.split(",") if x]
-    else:
-        budgets = [2 ** k for k in range(int(math.log2(max(1, args.max_budget))) + 1)]
-    if not budgets or min(budgets) < 1:
-        ap.error("budgets must be integers >= 1")
-    strategies = [s for s in args.strategies.split(",") if s]
-    for s in strategies:
-        make_strategy(s, args)  # validate names before spending time
+    budgets = args.budgets or [2 ** k for k in range(int(math.log2(args.max_budget)) + 1)]
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
 
     print(f"ttscale demo: {backend.describe()}")
     print(f"strategies: {', '.join(strategies)}; budgets n = {budgets}\n")

@@ -33,6 +33,7 @@ import tempfile
 
 import torch
 
+from .._argtypes import int_at_least
 from . import harness
 
 RANDOM_CFG = dict(vocab_size=64, hidden_size=256, intermediate_size=640, num_hidden_layers=4,
@@ -66,12 +67,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ttscale bench engine", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--n", type=int, default=64, help="samples (branches)")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--page-size", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--n", type=int_at_least(1), default=64, help="samples (branches)")
+    ap.add_argument("--new-tokens", type=int_at_least(1), default=64)
+    ap.add_argument("--prompt-len", type=int_at_least(1), default=512)
+    ap.add_argument("--page-size", type=int_at_least(1), default=16)
+    ap.add_argument("--reps", type=int_at_least(1), default=3)
+    ap.add_argument("--threads", type=int_at_least(0), default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--random-config", default=None,
                     help='use a random Llama with these LlamaConfig overrides (JSON), e.g. \'{"hidden_size": 128}\'')
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")

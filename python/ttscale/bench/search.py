@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
+from .._argtypes import float_at_least, int_at_least
+
 __all__ = ["run_bench", "main"]
 
 
@@ -123,14 +125,14 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local policy checkpoint (default: the built-in one)")
     ap.add_argument("--prm", default=None, help="local PRM checkpoint (default: the built-in one)")
-    ap.add_argument("--problems", type=int, default=8)
-    ap.add_argument("--width", type=int, default=32, help="beams / REBASE width (budget n)")
-    ap.add_argument("--beam-width", type=int, default=4)
+    ap.add_argument("--problems", type=int_at_least(1), default=8)
+    ap.add_argument("--width", type=int_at_least(1), default=32, help="beams / REBASE width (budget n)")
+    ap.add_argument("--beam-width", type=int_at_least(1), default=4)
     ap.add_argument("--strategies", default="beam,rebase")
-    ap.add_argument("--difficulty", type=int, default=None)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--max-step-tokens", type=int, default=32)
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--difficulty", type=int_at_least(1), default=None)
+    ap.add_argument("--temperature", type=float_at_least(0.0), default=0.8)
+    ap.add_argument("--max-step-tokens", type=int_at_least(1), default=32)
+    ap.add_argument("--max-new-tokens", type=int_at_least(1), default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="results path (default: bench/results/search-<device>.json)")
     args = ap.parse_args(argv)

@@ -1,0 +1,40 @@
+"""argparse types of the command-line tools: a bad value is an argparse error (usage + message,
+exit code 2) instead of a traceback later or a value silently replaced by a default."""
+from __future__ import annotations
+
+import argparse
+from typing import List
+
+
+def int_at_least(lo: int):
+    """An int >= lo."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def float_at_least(lo: float):
+    """A float >= lo (NaN rejected)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not v >= lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return v
+    return parse
+
+
+def budget_list(text: str) -> List[int]:
+    """Comma-separated ints >= 1."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected comma-separated integers >= 1")
+    return [int_at_least(1)(x) for x in items]
