@@ -157,9 +157,13 @@ SparseInputs validate_sparse(const Tensor& q, const Tensor& k_cache, const Tenso
   si.in = paged::validate_paged_attention(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, c10::nullopt,
                                           scale, -1, 0.0);
   check_summaries(summaries, k_cache);
+  // each term is checked first: their int64 sum could wrap (sys.maxsize as "keep everything")
+  constexpr int64_t kMaxBudget = (int64_t)1 << 30;
+  TT_CHECK_VALUE(top_k_pages <= kMaxBudget && sink_pages <= kMaxBudget && local_pages <= kMaxBudget &&
+                     top_k_pages + sink_pages + local_pages <= kMaxBudget,
+                 "top_k_pages + sink_pages + local_pages must be <= 2^30 (it is the width of the selected-pages "
+                 "output), got ", top_k_pages, " + ", sink_pages, " + ", local_pages);
   si.budget = top_k_pages + sink_pages + local_pages;
-  TT_CHECK_VALUE(si.budget <= (int64_t)1 << 30, "top_k_pages + sink_pages + local_pages must be <= 2^30 (it is the "
-                 "width of the selected-pages output), got ", si.budget);
   return si;
 }
 

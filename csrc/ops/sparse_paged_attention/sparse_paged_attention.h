@@ -44,8 +44,9 @@ constexpr int kMin = 0, kMax = 1, kMean = 2;  // rows of a page's summary
 constexpr int kKeyChunk = 64;                 // keys per online-softmax block (CPU)
 constexpr int64_t kScorePages = 128;          // pages per CPU scoring item
 
-// One element of the Quest bound: the largest q * k for k in [mn, mx].
-TT_HD float quest_term(float q, float mn, float mx) { return q >= 0.0f ? q * mx : q * mn; }
+// One element of the Quest bound: the largest q * k for k in [mn, mx]. q = 0 gives 0 even against an
+// infinite bound (0 * inf would be NaN, and a NaN score drops the page).
+TT_HD float quest_term(float q, float mn, float mx) { return q > 0.0f ? q * mx : (q < 0.0f ? q * mn : 0.0f); }
 
 // Selection order: page (score sa, index pa) is ranked before (sb, pb). NaN scores rank last.
 TT_HD bool ranks_before(float sa, int64_t pa, float sb, int64_t pb) {
@@ -64,20 +65,25 @@ TT_HD int64_t page_tokens(int64_t j, int64_t np, int64_t last_len, int64_t page_
 TT_HD bool forced_page(int64_t j, int64_t np, int64_t sink, int64_t local) { return j < sink || j >= np - local; }
 
 // Summary of one page and KV head: n >= 1 valid key rows `key(t)` (t < n) of D elements.
-// Writes min, max and mean (fp32 sum in token order, divided by n, rounded once to T).
+// Writes min, max and mean (fp32 sum in token order, divided by n, rounded once to T). A NaN in any
+// slot makes min and max NaN (as torch.amin / amax), wherever it is: comparisons skip NaN, so
+// seeding from slot 0 alone made a NaN there poison the bounds and one elsewhere vanish.
 template <typename T>
 TT_HD void summarize_elem(const T* k0, int64_t tok_stride, int64_t n, int64_t d, T* mn, T* mx, T* mean) {
   float lo = to_float(k0[d]), hi = lo, sum = lo;
   T lo_v = k0[d], hi_v = k0[d];
+  bool nan = lo != lo;
+  T nan_v = k0[d];
   for (int64_t t = 1; t < n; ++t) {
     const T x = k0[t * tok_stride + d];
     const float f = to_float(x);
     if (f < lo) { lo = f; lo_v = x; }
     if (f > hi) { hi = f; hi_v = x; }
+    if (f != f && !nan) { nan = true; nan_v = x; }
     sum += f;
   }
-  mn[d] = lo_v;
-  mx[d] = hi_v;
+  mn[d] = nan ? nan_v : lo_v;
+  mx[d] = nan ? nan_v : hi_v;
   store_float(&mean[d], sum / (float)n);
 }
 

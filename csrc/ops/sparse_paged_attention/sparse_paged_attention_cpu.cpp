@@ -52,7 +52,10 @@ template <typename T, int D>
 void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* scores) {
   const paged::PagedParams& p = s.p;
   const int64_t Hq = p.Hq, Hkv = p.Hkv, group = Hq / Hkv;
-  std::vector<float> qsplit((size_t)Hq * 2 * D);  // per query head: [q+ (D) | q- (D)]
+  // per query head: [q+ (D) | q- (D)], q+ = max(q, 0), q- = min(q, 0). A bound term is
+  // q+ * max + q- * min = sparse::quest_term(q, min, max), except that the zero half must not touch an
+  // infinite bound (0 * inf = NaN would drop the page): the kernels mask it out instead of multiplying.
+  std::vector<float> qsplit((size_t)Hq * 2 * D);
   const T* qb = static_cast<const T*>(p.q) + b * p.q_stride_t;
   for (int64_t hq = h0 * group; hq < h1 * group; ++hq) {
     float* dst = qsplit.data() + hq * 2 * D;
@@ -74,13 +77,16 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
         for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) prefetch(row + o);
       }
   };
-  int64_t j = j0;
 #if defined(TTSCALE_CPU_ISA_AVX512)
-  // 4 pages x 4 rows per block: 16 accumulators, per step 8 summary + 8 query loads for 32 FMAs,
-  // and one transpose-add reduction (reduce16) for the 16 bounds instead of 16 horizontal sums.
+  // 4 pages x 4 rows per block: 16 accumulators, per step 8 summary + 8 query loads for 32 masked
+  // FMAs, and one transpose-add reduction (reduce16) for the 16 bounds instead of 16 horizontal sums.
   // Reduced lanes: 128-bit lane r holds row r's bounds of the 4 pages; the GQA group's bound of a
-  // page is the max over its rows.
-  for (; j + 4 <= j1; j += 4) {
+  // page is the max over its rows. Every page, the last < 4 included (their block repeats the last
+  // page and drops the copies), goes through this same arithmetic, so pages with equal summaries
+  // get bit-equal scores and the tie goes to the lower index, as documented (a separate scalar tail
+  // rounded differently and broke ties at random on 5-15% of heads).
+  for (int64_t j = j0; j < j1; j += 4) {
+    const int nv = (int)(j1 - j < 4 ? j1 - j : 4);
     for (int64_t h = h0; h < h1; ++h) {
       // this head's min/max rows of the pages kScoreAhead ahead: a few lines per head and block,
       // so the requests trickle out with the math instead of stalling as one burst
@@ -88,7 +94,7 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
       const T* mn[4];
       const T* mx[4];
       for (int pg = 0; pg < 4; ++pg) {
-        const T* base = sc + (int64_t)pages[j + pg] * s.s_stride_page + h * s.s_stride_head;
+        const T* base = sc + (int64_t)pages[j + (pg < nv ? pg : nv - 1)] * s.s_stride_page + h * s.s_stride_head;
         mn[pg] = base + sparse::kMin * s.s_stride_kind;
         mx[pg] = base + sparse::kMax * s.s_stride_kind;
       }
@@ -103,8 +109,10 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
           for (int pg = 0; pg < 4; ++pg) { xl[pg] = load(mn[pg] + d).v; xh[pg] = load(mx[pg] + d).v; }
           for (int r = 0; r < 4; ++r) {
             const __m512 qp = _mm512_loadu_ps(q[r] + d), qm = _mm512_loadu_ps(q[r] + D + d);
+            const __mmask16 pos = _mm512_cmp_ps_mask(qp, _mm512_setzero_ps(), _CMP_GT_OQ);
+            const __mmask16 neg = _mm512_cmp_ps_mask(qm, _mm512_setzero_ps(), _CMP_LT_OQ);
             for (int pg = 0; pg < 4; ++pg)
-              a[4 * pg + r] = _mm512_fmadd_ps(qm, xl[pg], _mm512_fmadd_ps(qp, xh[pg], a[4 * pg + r]));
+              a[4 * pg + r] = _mm512_mask3_fmadd_ps(qm, xl[pg], _mm512_mask3_fmadd_ps(qp, xh[pg], a[4 * pg + r], pos), neg);
           }
         }
         const __m512 x = reduce16(a);
@@ -114,11 +122,12 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
       }
       alignas(16) float v[4];
       _mm_store_ps(v, best);
-      for (int pg = 0; pg < 4; ++pg) scores[(j + pg - j0) * Hkv + h] = v[pg];
+      for (int pg = 0; pg < nv; ++pg) scores[(j + pg - j0) * Hkv + h] = v[pg];
     }
   }
-#endif
-  for (; j < j1; ++j) {
+#else
+  const VF zero = set1(0.0f);
+  for (int64_t j = j0; j < j1; ++j) {
     const T* base = sc + (int64_t)pages[j] * s.s_stride_page;
     prefetch_summary(j + kScoreAhead, h0, h1);  // pages are scattered: kScoreAhead pages ahead
     for (int64_t h = h0; h < h1; ++h) {
@@ -128,20 +137,25 @@ void score_t(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j
       for (int64_t g0 = 0; g0 < group; g0 += 4) {
         const float* q[4];
         for (int r = 0; r < 4; ++r) q[r] = qsplit.data() + (h * group + (g0 + r < group ? g0 + r : g0)) * 2 * D;
-        VF a0 = set1(0.f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        VF a[8];
+        for (int i = 0; i < 8; ++i) a[i] = zero;
         for (int d = 0; d < D; d += W) {
           const VF xl = load(mn + d), xh = load(mx + d);
-          a0 = fmadd(load(q[0] + d), xh, a0); a1 = fmadd(load(q[0] + D + d), xl, a1);
-          a2 = fmadd(load(q[1] + d), xh, a2); a3 = fmadd(load(q[1] + D + d), xl, a3);
-          a4 = fmadd(load(q[2] + d), xh, a4); a5 = fmadd(load(q[2] + D + d), xl, a5);
-          a6 = fmadd(load(q[3] + d), xh, a6); a7 = fmadd(load(q[3] + D + d), xl, a7);
+          for (int r = 0; r < 4; ++r) {
+            const VF qp = load(q[r] + d), qm = load(q[r] + D + d);
+            a[2 * r] = fmadd(qp, select(cmp_gt(qp, zero), xh, zero), a[2 * r]);
+            a[2 * r + 1] = fmadd(qm, select(cmp_gt(zero, qm), xl, zero), a[2 * r + 1]);
+          }
         }
-        const float v[4] = {hsum(add(a0, a1)), hsum(add(a2, a3)), hsum(add(a4, a5)), hsum(add(a6, a7))};
-        for (int r = 0; r < 4 && g0 + r < group; ++r) best = v[r] > best ? v[r] : best;
+        for (int r = 0; r < 4 && g0 + r < group; ++r) {
+          const float v = hsum(add(a[2 * r], a[2 * r + 1]));
+          best = v > best ? v : best;
+        }
       }
       scores[(j - j0) * Hkv + h] = best;
     }
   }
+#endif
 }
 
 void score(const SparseParams& s, int64_t b, int64_t h0, int64_t h1, int64_t j0, int64_t j1, float* scores) {

@@ -34,6 +34,7 @@ Selected pages are **logical** page indices (positions in the sequence's page li
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple, Union
 
 import torch
@@ -96,6 +97,12 @@ def sparse_paged_attention(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    budget = {"top_k_pages": top_k_pages, "sink_pages": sink_pages, "local_pages": local_pages}
+    for name, v in budget.items():  # int(1.5) would silently be 1
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"ttscale: {name} must be an int, got {v!r}")
+        if not -(2**63) <= int(v) < 2**63:
+            raise ValueError(f"ttscale: {name} must be <= 2^30, got {v}")
     out, lse, sel = torch.ops.ttscale.sparse_paged_attention(q, k_cache, v_cache, summaries, kv_indptr, kv_indices,
                                                              kv_last_page_len, int(top_k_pages), int(sink_pages),
                                                              int(local_pages), float(scale))

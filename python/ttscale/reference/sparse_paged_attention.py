@@ -43,7 +43,8 @@ def quest_scores_ref(q: torch.Tensor, summaries: torch.Tensor, kv_indptr, kv_ind
     s = summaries[pages].double()                      # [np, 3, Hkv, D]
     qq = q[b].double().view(Hkv, g, D)                 # [Hkv, g, D]
     mn, mx = s[:, 0].unsqueeze(2), s[:, 1].unsqueeze(2)  # [np, Hkv, 1, D]
-    bound = torch.maximum(qq * mn, qq * mx).sum(-1)    # [np, Hkv, g]
+    # q = 0 contributes 0 even against an infinite bound (where 0 * inf would be NaN)
+    bound = torch.where(qq == 0, 0.0, torch.maximum(qq * mn, qq * mx)).sum(-1)  # [np, Hkv, g]
     return bound.max(-1).values
 
 

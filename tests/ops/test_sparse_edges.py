@@ -1,0 +1,113 @@
+"""Edge cases of sparse_paged_attention's page selection that test_sparse_paged_attention.py does not pin
+down: exact ties between pages (documented: ties go to the lower page index), infinite key components
+(the documented Quest bound max(q * min, q * max) stays finite where q and the infinity have opposite
+signs), and a budget whose int64 sum overflows (must get the op's own ValueError).
+"""
+import sys
+
+import torch
+
+from ttscale.ops import new_page_summaries, sparse_paged_attention
+from ttscale.reference.sparse_paged_attention import quest_scores_ref, select_ref
+
+
+def _table(np_, ps):
+    return (torch.tensor([0, np_], dtype=torch.int32), torch.arange(np_, dtype=torch.int32),
+            torch.tensor([ps], dtype=torch.int32))
+
+
+def test_identical_pages_tie_to_lower_index(cpu_isa):
+    # every page holds the same keys -> identical summaries -> identical scores: with sink=1, local=1,
+    # top_k=3 each KV head keeps pages 1, 2, 3 (lowest indices) whatever the SIMD path or the page's
+    # position (4-page SIMD blocks vs the scalar tail; NP = 11 leaves pages 8..10 in the tail)
+    NP, PS, HKV = 11, 4, 32
+    ip, ix, last = _table(NP, PS)
+    want = [[0, 1, 2, 3, NP - 1]] * HKV
+    for D in (64, 128, 256):
+        g = torch.Generator().manual_seed(D)
+        k = torch.randn(1, PS, HKV, D, generator=g).repeat(NP, 1, 1, 1).contiguous()
+        v = torch.randn(NP, PS, HKV, D, generator=g)
+        q = torch.randn(1, HKV, D, generator=g)
+        s = new_page_summaries(k)
+        _, sel = sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=3, sink_pages=1, local_pages=1,
+                                        return_selected=True)
+        assert sel[0].tolist() == want, (D, [h for h in range(HKV) if sel[0, h].tolist() != want[h]])
+
+
+def test_infinite_key_component_keeps_documented_score(cpu_isa):
+    # page 5 is by far the best page; one of its keys has +inf where q < 0: the documented bound term is
+    # max(q * min, q * inf) = q * min (finite), so page 5 must be selected (CPU computed 0 * inf = NaN)
+    NP, PS, D = 12, 4, 64
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(NP, PS, 1, D, generator=g)
+    v = torch.randn(NP, PS, 1, D, generator=g)
+    q = torch.randn(1, 1, D, generator=g)
+    q[0, 0, 0] = -1.0
+    k[5, :, 0, 1:] = 3 * q[0, 0, 1:]
+    k[5, 2, 0, 0] = float("inf")
+    for dtype in (torch.float32, torch.float16):
+        kk, vv, qq = k.to(dtype), v.to(dtype), q.to(dtype)
+        ip, ix, last = _table(NP, PS)
+        s = new_page_summaries(kk)
+        want = select_ref(quest_scores_ref(qq, s, ip, ix, 0), 2, 1, 1)
+        assert 5 in want[0].tolist()
+        out, sel = sparse_paged_attention(qq, kk, vv, s, ip, ix, last, top_k_pages=2, sink_pages=1, local_pages=1,
+                                          return_selected=True)
+        assert sel.tolist() == [want.tolist()], (dtype, sel.tolist(), want.tolist())
+        assert torch.isfinite(out).all()
+
+
+def test_budget_sum_overflow_is_rejected_clearly():
+    k, v, q = torch.randn(8, 4, 1, 64), torch.randn(8, 4, 1, 64), torch.randn(1, 1, 64)
+    ip, ix, last = _table(8, 4)
+    s = new_page_summaries(k)
+    for tk, sk, lc in [(sys.maxsize, 1, 1), (sys.maxsize, sys.maxsize, 3)]:
+        try:
+            sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=tk, sink_pages=sk, local_pages=lc)
+        except ValueError as e:
+            assert "top_k_pages + sink_pages + local_pages" in str(e), (tk, sk, lc, str(e))
+        else:
+            raise AssertionError(f"budget {(tk, sk, lc)} accepted")
+
+
+def test_zero_query_component_against_infinite_bound(cpu_isa):
+    # q_d = 0 contributes 0 whatever the page's bounds are (0 * inf would be NaN and drop the page)
+    NP, PS, D = 12, 4, 64
+    g = torch.Generator().manual_seed(1)
+    k, v, q = torch.randn(NP, PS, 1, D, generator=g), torch.randn(NP, PS, 1, D, generator=g), torch.randn(1, 1, D, generator=g)
+    q[0, 0, 0] = 0.0
+    k[5, :, 0, 1:] = 3 * q[0, 0, 1:]
+    k[5, 1, 0, 0] = float("inf")
+    ip, ix, last = _table(NP, PS)
+    s = new_page_summaries(k)
+    want = select_ref(quest_scores_ref(q, s, ip, ix, 0), 2, 1, 1)
+    assert 5 in want[0].tolist()
+    _, sel = sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=2, sink_pages=1, local_pages=1,
+                                    return_selected=True)
+    assert sel.tolist() == [want.tolist()]
+
+
+def test_nan_key_makes_the_page_bounds_nan_wherever_it_is():
+    # as torch.amin / amax: a NaN in any slot, not only slot 0, makes min and max NaN (mean too)
+    k = torch.randn(3, 4, 2, 64)
+    k[0, 0, 1, 5] = float("nan")
+    k[1, 2, 1, 5] = float("nan")
+    s = new_page_summaries(k)
+    for p in (0, 1):
+        assert torch.isnan(s[p, :, 1, 5]).all(), s[p, :, 1, 5]
+        assert not torch.isnan(s[p, :, 0]).any() and not torch.isnan(s[p, :, 1, 6:]).any()
+    torch.testing.assert_close(s[2, 0], k[2].amin(0))
+    torch.testing.assert_close(s[2, 1], k[2].amax(0))
+
+
+def test_budget_must_be_integers():
+    k, v, q = torch.randn(8, 4, 1, 64), torch.randn(8, 4, 1, 64), torch.randn(1, 1, 64)
+    ip, ix, last = _table(8, 4)
+    s = new_page_summaries(k)
+    for bad in (1.5, True):
+        try:
+            sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=bad)
+        except TypeError as e:
+            assert "top_k_pages must be an int" in str(e)
+        else:
+            raise AssertionError(f"top_k_pages={bad!r} accepted")
