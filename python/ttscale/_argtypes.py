@@ -6,30 +6,26 @@ import argparse
 from typing import List
 
 
-def int_at_least(lo: int):
-    """An int >= lo."""
-    def parse(text: str) -> int:
+def _at_least(cast, kind: str, lo):
+    def parse(text: str):
         try:
-            v = int(text)
+            v = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        if not v >= lo:  # also rejects NaN
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
         return v
     return parse
+
+
+def int_at_least(lo: int):
+    """An int >= lo."""
+    return _at_least(int, "an integer", lo)
 
 
 def float_at_least(lo: float):
     """A float >= lo (NaN rejected)."""
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not v >= lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
-        return v
-    return parse
+    return _at_least(float, "a number", lo)
 
 
 def budget_list(text: str) -> List[int]:
