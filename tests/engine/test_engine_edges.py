@@ -116,3 +116,16 @@ def test_infinite_and_nan_scores():
 
     with pytest.raises(ValueError, match="NaNVerifier: step scores of node 0 contain NaN"):
         NaNVerifier().step_scores(None, [object()])
+
+
+def test_extend_stop_arguments():
+    """None means no stops (it was a bare TypeError); stop ids must be integers like token ids."""
+    eng = Engine(_MODEL, num_pages=16, page_size=4, eos_token_ids=())
+    node = eng.prefill([1, 4, 5])
+    (r,) = eng.extend([node], max_new_tokens=2, stop_token_ids=None, stop_strings=None, seed=0)
+    assert r.stop_reason == "length" and len(r.token_ids) == 2
+    with pytest.raises(ValueError, match="stop_token_ids must be integer token ids, got 2.5"):
+        eng.extend([node], max_new_tokens=2, stop_token_ids=[2.5], seed=0)
+    with pytest.raises(ValueError, match=r"max_new_tokens has 2 entries for 1 nodes"):
+        eng.extend([node], max_new_tokens=[1, 2], seed=0)
+    eng.release([node])

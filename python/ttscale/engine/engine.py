@@ -350,6 +350,8 @@ class Engine:
         for c in caps:
             if not isinstance(c, int) or isinstance(c, bool) or c < 0:
                 raise ValueError(f"ttscale.engine: max_new_tokens must be an int >= 0 (or one per node), got {c!r}")
+        if stop_strings is None:
+            stop_strings = ()
         if isinstance(stop_strings, str):
             stop_strings = (stop_strings,)
         stop_strings = tuple(stop_strings)
@@ -358,6 +360,10 @@ class Engine:
                 raise ValueError(f"ttscale.engine: stop_strings must be non-empty strings, got {s!r}")
         if stop_strings and self.tokenizer is None:
             raise ValueError("ttscale.engine: stop_strings need a tokenizer")
+        stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else []
+        bad = [t for t in stop_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if bad:
+            raise ValueError(f"ttscale.engine: stop_token_ids must be integer token ids, got {bad[0]!r}")
         stop_tok = frozenset(int(t) for t in stop_token_ids)
         sp = sampling if sampling is not None else SamplingParams()
         if not isinstance(sp, SamplingParams):
