@@ -274,6 +274,18 @@ def test_budget_caps_are_enforced(name, strategy, cap):
         assert gen.live_nodes() == 0 and gen.live_pages() == 0
 
 
+@pytest.mark.parametrize("name,strategy", ALL, ids=[a for a, _ in ALL])
+def test_a_stop_before_any_step_still_leaves_a_candidate(name, strategy):
+    """A cap too small for even the first step: every strategy keeps what it had (the prompt, an
+    unfinished and unscored candidate) instead of returning none (MCTS returned none)."""
+    prob = SimProblem(num_steps=6, p_step=0.9)
+    gen = SimGenerator(prob)
+    res = strategy.run(gen, prob.prompt, Budget(n=8, max_generated_tokens=1), SimPRM(), seed=0)
+    assert res.stop_reason.startswith("budget:"), res.stop_reason
+    assert res.candidates and not any(c.finished for c in res.candidates)
+    assert gen.live_nodes() == 0 and gen.live_pages() == 0
+
+
 class _FailingGenerator(SimGenerator):
     """Raises on the k-th extend, as a crashed engine would."""
 

@@ -561,6 +561,10 @@ class MCTS:
                 r.extend(kids)
             except BudgetStop as e:
                 r.release(kids)
+                # the leaf whose expansion was stopped stays on record, unfinished and unscored, as
+                # the other strategies keep their unfinished nodes (else a stop at the first
+                # expansion left no candidate at all)
+                r.record(x["node"], [])
                 stop = str(e)
                 break
             knodes = [{"node": c, "parent": x, "kids": [], "n": 0, "w": 0.0, "depth": x["depth"] + 1, "value": None}
