@@ -176,7 +176,7 @@ float raw_value(const RowView& row, int64_t j) {
   return v;
 }
 
-// Mass of a score in double precision (plans and logprobs; the SIMD passes use the fp32 poly exp).
+// The error of a probs row whose largest value is above kMaxProb (CPU plans and the CUDA status).
 std::string too_large_message(int64_t row, double m) {
   std::ostringstream os;
   os << "probs row " << row << " has a value of " << m << ", above 2^100: rows need not sum to 1, but their "
@@ -184,6 +184,7 @@ std::string too_large_message(int64_t row, double m) {
   return os.str();
 }
 
+// Mass of a score in double precision (plans and logprobs; the SIMD passes use the fp32 poly exp).
 double mass_of(const ScoreMap& map, float s) { return map.probs_mode ? (double)s : std::exp((double)s); }
 
 void build_plan(const CpuKernels& K, const RowView& row, bool probs, double T, int64_t k, double top_p, double min_p,
