@@ -101,6 +101,43 @@ def test_ess():
     assert ess(w) == pytest.approx(w.sum() ** 2 / (w ** 2).sum())
 
 
+def test_aggregate_rules():
+    from ttscale.search.base import aggregate
+
+    steps = [0.9, 0.5, 0.8]
+    assert aggregate(steps, "last") == 0.8
+    assert aggregate(steps, "min") == 0.5
+    assert aggregate(steps, "prod") == pytest.approx(0.9 * 0.5 * 0.8)
+    assert aggregate(steps, "mean") == pytest.approx((0.9 + 0.5 + 0.8) / 3)
+    assert all(aggregate([], h) == 0.0 for h in ("last", "min", "prod", "mean"))
+    with pytest.raises(ValueError, match="how must be one of"):
+        aggregate(steps, "max")
+
+
+def test_select_answer_rules():
+    """Each rule on hand-built candidates, expected answers worked out from the docstring: A once at
+    0.9 against B twice at 0.4 (and an unfinished / answerless candidate that never counts)."""
+    from ttscale.search.base import Candidate, select_answer
+
+    def c(ans, score, finished=True, weight=1.0):
+        return Candidate(text="", answer=ans, step_scores=[score], score=score, finished=finished, weight=weight)
+
+    cands = [c("B", 0.4), c("A", 0.9), c("B", 0.45), c("C", 0.99, finished=False), c(None, 0.95)]
+    assert select_answer(cands, "verifier") == 1                # highest score among finished with answer
+    assert select_answer(cands, "majority") == 2                # B (2 votes), its best-scored candidate
+    assert select_answer(cands, "weighted") == 1                # A: 0.9 > B: 0.4 + 0.45
+    # multiplicity counts in both votes
+    cands[1] = c("A", 0.9, weight=3.0)
+    assert select_answer(cands, "majority") == 1                # A: 3 > B: 2
+    assert select_answer(cands, "weighted") == 1
+    cands[1] = c("A", 0.5, weight=1.0)
+    assert select_answer(cands, "weighted") == 2                # B: 0.85 > A: 0.5
+    # ties: the earliest candidate / answer wins
+    tie = [c("X", 0.5), c("Y", 0.5)]
+    assert select_answer(tie, "verifier") == 0 and select_answer(tie, "majority") == 0
+    assert select_answer([c(None, 1.0), c("Z", 0.1, finished=False)], "majority") is None
+
+
 def test_allocate_rejects_bad_input():
     with pytest.raises(ValueError, match="width"):
         allocate([0.1, 0.2], -1, "topk")
