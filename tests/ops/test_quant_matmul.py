@@ -84,6 +84,16 @@ def test_quantize_scale_dtypes(scale_dtype):
     _check_matmul(x, qw)
 
 
+def test_quantize_zero_point_rounds_half_to_even():
+    """z = round(-min / s) with round-half-to-even (torch.round, the reference): w in [-1, 5] at 2 bits
+    gives s = 2 exactly and -min / s = 0.5, so z = 0 (round-half-up would give 1)."""
+    w = torch.linspace(-1, 5, 32).repeat(4, 1)
+    qw = quantize(w, bits=2, group_size=32)
+    q, s, z = quantize_ref(w, 2, 32, False)
+    assert qw.scales[0, 0].item() == 2.0 and qw.zeros[:, 0].tolist() == [0] * 4
+    assert torch.equal(qw.zeros.to(torch.int64), z) and torch.equal(unpack(qw).to(torch.int64), q)
+
+
 def test_quantize_float16_scale_range():
     """float16 scales: an all-zero group's scale floors at float16's smallest normal (EPS would round
     to a zero scale and NaN codes), and a scale above float16's range is an error, not an inf scale
