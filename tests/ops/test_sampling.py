@@ -1143,19 +1143,18 @@ def test_probs_sum_beyond_float32_range(V, val, cpu_isa):
     """Rows need not be normalised. Up to 2^100 per value they are sampled from their law (the fp32
     block sums stay finite); above, a clear error, where they used to overflow to inf and draw the
     last token every time."""
-    p = torch.full((1, V), val)  # every entry finite; the law is uniform over V tokens
-    idx = torch.zeros(40 * V, dtype=torch.long)
+    g = torch.Generator().manual_seed(V)
+    p = (0.2 + torch.rand(1, V, generator=g)) / 1.2 * val  # finite, largest ~val, not normalised
     for kw in (dict(), dict(top_p=0.9), dict(min_p=0.5), dict(top_k=3)):
         if val > 2.0 ** 100:
             with pytest.raises(ValueError, match=r"probs row 0 has a value of .* above 2\^100"):
-                sample_from_probs(p, seed=1, indices=idx, return_logprobs=True, **kw)
+                sample_from_probs(p, seed=1, **kw)
             continue
-        tok, lp = sample_from_probs(p, seed=1, indices=idx, return_logprobs=True, **kw)
-        counts = torch.bincount(tok, minlength=V)
-        n = min(V, kw.get("top_k", V))
-        assert int((counts > 0).sum()) >= n, f"{kw}: tokens of positive probability never drawn: {counts.tolist()[:10]}"
-        torch.testing.assert_close(lp.double(), torch.full_like(lp, -math.log(V), dtype=torch.float64),
-                                   atol=1e-4, rtol=1e-5)
+        counts = draw_counts(sample_from_probs, p, 20_000, seed=1, **kw)
+        check_rows(counts, p, probs_mode=True, label=f"probs x {val:g} {kw}", **kw)
+        tok, lp = sample_from_probs(p, seed=1, indices=torch.zeros(50, dtype=torch.long), return_logprobs=True)
+        want = torch.log(p[0, tok].double() / p.double().sum())
+        torch.testing.assert_close(lp.double(), want, atol=1e-4, rtol=1e-5)
 
 
 def test_scalar_params_as_numpy_and_0d_tensors(cpu_isa):
