@@ -77,13 +77,14 @@ def test_allocate_rebase_matches_sequential_ceil_reference():
 
 
 @pytest.mark.parametrize("rule", ["multinomial", "systematic"])
-def test_resampling_is_unbiased(rule):
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_resampling_is_unbiased(rule, temperature):
     rng = np.random.default_rng(4)
     n, N, R = 7, 23, 4000
     logw = rng.normal(size=n) * 1.5
-    w = np.exp(logw - logw.max())
+    w = np.exp((logw - logw.max()) / temperature)  # the law is softmax(scores / temperature)
     w /= w.sum()
-    counts = np.stack([allocate(logw, N, rule, rng=rng) for _ in range(R)])
+    counts = np.stack([allocate(logw, N, rule, rng=rng, temperature=temperature) for _ in range(R)])
     mean = counts.mean(0)
     if rule == "systematic":
         # every count is floor or ceil of N*w, and the variance is at most that of a Bernoulli rounding
