@@ -11,8 +11,9 @@ returns a ``SearchResult``. Shared rules:
 * every node is released before ``run`` returns (finished ones as soon as they are recorded).
 
 ``budget.n`` is what the papers call N: samples (best-of-N, self-consistency, MCTS rollouts),
-total beams (beam search: ``n // beam_width`` kept, ``beam_width`` children each), total leaves
-(DVTS: ``n // beam_width`` subtrees), the width (REBASE) or particles (particle filtering).
+total beams (beam search: ``ceil(n / beam_width)`` kept, ``n`` children shared among them), total
+leaves (DVTS: ``n // beam_width`` subtrees, one when ``n < beam_width``), the width (REBASE) or
+particles (particle filtering).
 """
 from __future__ import annotations
 
@@ -267,8 +268,9 @@ class SelfConsistency:
 @dataclass
 class BeamSearch:
     """Step-level beam search (search-and-learn): N beams; each depth keeps the best
-    ``ceil(width / beam_width)`` by verifier score and gives each ``beam_width`` children, where
-    ``width = N - finished`` (finished beams leave the pool and consume width). ``lookahead`` > 0
+    ``ceil(width / beam_width)`` by verifier score and splits the ``width`` children among them evenly
+    (``beam_width`` each when it divides; the remainder goes to the best, as ``allocate("topk")``),
+    where ``width = N - finished`` (finished beams leave the pool and consume width). ``lookahead`` > 0
     scores a beam by a greedy roll of that many further steps (on a fork, released after)."""
     beam_width: int = 4
     lookahead: int = 0
@@ -336,7 +338,8 @@ class BeamSearch:
 
 @dataclass
 class DVTS:
-    """Diverse verifier tree search: ``n // beam_width`` independent subtrees; at each depth every
+    """Diverse verifier tree search: ``n // beam_width`` independent subtrees (one with ``n`` children
+    when ``n < beam_width``); at each depth every
     subtree samples ``beam_width`` children of its current node (all subtrees in one batch) and keeps
     the one the verifier scores best (allocate "topk" with k = 1, width = 1, per subtree)."""
     beam_width: int = 4
