@@ -228,7 +228,6 @@ def test_self_consistency_settled_stop_never_changes_the_vote():
     early = 0
     for s in range(30):
         res = SelfConsistency(wave=2).run(gen, prob.prompt, Budget(n=15), seed=s)
-        full = BestOfN("majority").run(gen, prob.prompt, Budget(n=15), seed=s)  # noqa: F841 (cost reference)
         votes = {}
         for c in res.candidates:
             votes[c.answer] = votes.get(c.answer, 0) + 1
@@ -240,6 +239,37 @@ def test_self_consistency_settled_stop_never_changes_the_vote():
         else:
             assert left == 0
     assert early > 0
+
+
+def test_self_consistency_threshold_stop():
+    """With ``threshold``, the run stops at the first wave boundary (after min_samples) where the
+    leader's votes reach threshold x samples drawn (or where the margin rule settles it), not before;
+    without a threshold the same seeds draw at least as many samples."""
+    prob = SimProblem(num_steps=2, p_step=0.9)
+
+    def top2(cands):
+        votes = {}
+        for c in cands:
+            if c.finished and c.answer is not None:
+                votes[c.answer] = votes.get(c.answer, 0) + 1
+        return (sorted(votes.values(), reverse=True) + [0, 0])[:2]
+
+    by_threshold = 0
+    for s in range(20):
+        res = SelfConsistency(wave=2, threshold=0.75, min_samples=4).run(SimGenerator(prob), prob.prompt,
+                                                                          Budget(n=40), seed=s)
+        c = res.candidates
+        drawn = len(c)
+        for k in range(2, drawn, 2):  # earlier wave boundaries: neither rule held there
+            a, b = top2(c[:k])
+            assert not (k >= 4 and a >= 0.75 * k) and not (a - b > 40 - k)
+        if res.stop_reason == "settled" and drawn < 40:
+            a, b = top2(c)
+            assert (drawn >= 4 and a >= 0.75 * drawn) or a - b > 40 - drawn
+            by_threshold += a - b <= 40 - drawn  # settled by the threshold alone
+        plain = SelfConsistency(wave=2).run(SimGenerator(prob), prob.prompt, Budget(n=40), seed=s)
+        assert len(plain.candidates) >= drawn
+    assert by_threshold > 0
 
 
 # ------------------------------------------------------------------------------------------ all strategies
