@@ -1,7 +1,7 @@
 """One tensor on ``meta``, the rest on CPU: every op must raise its "same device" error.
 
 Such a call dispatches to the op's fake kernel (the Meta key wins), so the real kernel's device check
-never runs. Before the fakes checked devices (python/ttscale/ops/_fake.py), the in-place ops
+never runs. Before the fakes checked devices (python/ttscale/ops/_checks.py), the in-place ops
 (append_paged_kv, copy_pages, merge_attention_states_, update_page_summaries) silently did nothing
 and the functional ones (merge_attention_states, quant_matmul, sample, ...) returned uninitialised
 memory on the CPU. Each case moves one argument at a time to meta.

@@ -5,6 +5,7 @@ signs), and a budget whose int64 sum overflows (must get the op's own ValueError
 """
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,7 @@ def test_budget_must_be_integers():
             assert "top_k_pages must be an int" in str(e)
         else:
             raise AssertionError(f"top_k_pages={bad!r} accepted")
+    # integers of any kind are: numpy and 0-d tensors give what the int gives
+    want = sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=2)
+    for ok in (np.int64(2), torch.tensor(2)):
+        assert torch.equal(sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=ok), want)

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import ops
+from ..ops._checks import as_index
 from ..attention import Level, SharedPrefixDecode
 from .kvpool import KVPool, indptr, page_table
 from .model import Transformer
@@ -90,6 +90,15 @@ class EngineCounters:
     def reset(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, 0)
+
+
+def _token_ids(items, name: str) -> List[int]:
+    """Token ids as ints: integers only (int(3.7) would silently truncate, and a bool is not an id)."""
+    items = list(items)
+    ids = [as_index(i) for i in items]
+    if None in ids:
+        raise ValueError(f"ttscale.engine: {name} must be integer token ids, got {items[ids.index(None)]!r}")
+    return ids
 
 
 class Node:
@@ -244,11 +253,7 @@ class Engine:
                 items = list(x)
             except TypeError:
                 raise TypeError(f"ttscale.engine: {name} must be a str or a list of token ids") from None
-            # integers only: int(3.7) would silently truncate, and a bool is not a token id
-            bad = [i for i in items if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
-            if bad:
-                raise ValueError(f"ttscale.engine: {name} must be integer token ids, got {bad[0]!r}")
-            ids = [int(i) for i in items]
+            ids = _token_ids(items, name)
         self.model.check_ids(ids, name)
         return ids
 
@@ -360,11 +365,7 @@ class Engine:
                 raise ValueError(f"ttscale.engine: stop_strings must be non-empty strings, got {s!r}")
         if stop_strings and self.tokenizer is None:
             raise ValueError("ttscale.engine: stop_strings need a tokenizer")
-        stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else []
-        bad = [t for t in stop_token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
-        if bad:
-            raise ValueError(f"ttscale.engine: stop_token_ids must be integer token ids, got {bad[0]!r}")
-        stop_tok = frozenset(int(t) for t in stop_token_ids)
+        stop_tok = frozenset(_token_ids(stop_token_ids if stop_token_ids is not None else (), "stop_token_ids"))
         sp = sampling if sampling is not None else SamplingParams()
         if not isinstance(sp, SamplingParams):
             raise TypeError(f"ttscale.engine: sampling must be a SamplingParams, got {type(sp).__name__}")

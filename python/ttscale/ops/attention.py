@@ -28,7 +28,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._fake import same_device
+from ._checks import same_device
 
 __all__ = ["attention"]
 
@@ -56,7 +56,7 @@ def attention(
 
 @torch.library.register_fake("ttscale::attention")
 def _attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale, window_left, softcap, return_lse):
-    same_device("q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)  # see _fake.py
+    same_device("q", q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)  # see _checks.py
     out = q.new_empty(q.shape)
     lse = q.new_empty(tuple(q.shape[:-1]) if return_lse else (0,), dtype=torch.float32)
     return out, lse

@@ -22,7 +22,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._fake import same_device
+from ._checks import same_device
 
 __all__ = ["paged_attention", "merge_attention_states", "merge_attention_states_", "append_paged_kv", "copy_pages"]
 
@@ -134,35 +134,32 @@ def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, 
     torch.ops.ttscale.copy_pages(k_cache, v_cache, src, dst, summaries)
 
 
-# ---------------------------------------------------------------- fake (meta) kernels
-_same_device = same_device  # see _fake.py: a mix of devices dispatches to these
-
-
+# ---------------------------------------------------------------- fake (meta) kernels (device checks: _checks.py)
 @torch.library.register_fake("ttscale::paged_attention")
 def _paged_attention_fake(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, qo_indptr, causal, scale,
                           window_left, softcap, return_lse):
-    _same_device("q", q, k_cache=k_cache, v_cache=v_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
+    same_device("q", q, k_cache=k_cache, v_cache=v_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
                  kv_last_page_len=kv_last_page_len, qo_indptr=qo_indptr)
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @torch.library.register_fake("ttscale::merge_attention_states")
 def _merge_fake(out_a, lse_a, out_b, lse_b):
-    _same_device("out_a", out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
+    same_device("out_a", out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
     return torch.empty_like(out_a, memory_format=torch.contiguous_format), \
         torch.empty_like(lse_a, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ttscale::merge_attention_states_")
 def _merge_inplace_fake(out, lse, out_other, lse_other):
-    _same_device("out", out, lse=lse, out_other=out_other, lse_other=lse_other)
+    same_device("out", out, lse=lse, out_other=out_other, lse_other=lse_other)
     return None
 
 
 @torch.library.register_fake("ttscale::append_paged_kv")
 def _append_fake(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices, positions,
                  append_indptr, summaries=None):
-    _same_device("k_cache", k_cache, k=k, v=v, v_cache=v_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
+    same_device("k_cache", k_cache, k=k, v=v, v_cache=v_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
                  kv_last_page_len=kv_last_page_len, batch_indices=batch_indices, positions=positions,
                  append_indptr=append_indptr, summaries=summaries)
     return None
@@ -170,5 +167,5 @@ def _append_fake(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len
 
 @torch.library.register_fake("ttscale::copy_pages")
 def _copy_pages_fake(k_cache, v_cache, src, dst, summaries=None):
-    _same_device("k_cache", k_cache, v_cache=v_cache, src=src, dst=dst, summaries=summaries)
+    same_device("k_cache", k_cache, v_cache=v_cache, src=src, dst=dst, summaries=summaries)
     return None

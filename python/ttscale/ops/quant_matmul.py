@@ -49,12 +49,11 @@ Checkpoint import (exact: ``dequantize`` equals the checkpoint's own ``(q - z) *
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Optional, Tuple
 
 import torch
 
-from ._fake import same_device
+from ._checks import as_index, same_device
 
 __all__ = ["QuantizedWeight", "quantize", "dequantize", "unpack", "pack", "repack", "quant_matmul", "from_gptq", "from_awq"]
 
@@ -122,11 +121,10 @@ class QuantizedWeight:
 
 
 def _format_int(v, name: str, allowed) -> int:
-    # an integer (int, numpy or 0-d integer tensor), not a float or bool that compares equal to one:
-    # 4.0 in (2, 3, 4, 8) is True, and then shifts and reshapes fail far from here
-    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
+    i = as_index(v)  # 4.0 in (2, 3, 4, 8) is True, and shifts and reshapes would then fail far from here
+    if i is None:
         raise ValueError(f"ttscale: {name} must be one of {allowed} (an integer), got {v!r}")
-    v = operator.index(v)
+    v = i
     if v not in allowed:
         raise ValueError(f"ttscale: {name} must be one of {allowed}, got {v}")
     return v
@@ -287,7 +285,7 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.T
 
 @torch.library.register_fake("ttscale::quant_matmul")
 def _quant_matmul_fake(x, packed, scales, zeros, bits, group_size, bias):
-    same_device("x", x, packed=packed, scales=scales, zeros=zeros, bias=bias)  # see _fake.py
+    same_device("x", x, packed=packed, scales=scales, zeros=zeros, bias=bias)  # see _checks.py
     return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 

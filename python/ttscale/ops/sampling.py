@@ -33,7 +33,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._fake import same_device
+from ._checks import as_index, same_device
 
 Param = Union[None, float, int, torch.Tensor]
 
@@ -61,9 +61,9 @@ def _int_param(x: Param, name: str, rows: int) -> Tuple[Optional[torch.Tensor], 
         return None, 0
     if isinstance(x, torch.Tensor):
         return _row_tensor(x, rows), 0
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral):  # Python and numpy integers
+    v = as_index(x)  # Python and numpy integers
+    if v is None:
         raise TypeError(f"ttscale: {name} must be None, an int or an integer tensor, got {type(x).__name__}")
-    v = int(x)
     if not -(2**63) <= v < 2**63:
         raise ValueError(f"ttscale: {name} must fit in int64, got {v}")
     return None, v
@@ -213,7 +213,7 @@ def _sample_fake(logits, temperature, temperature_val, top_k, top_k_val, top_p, 
                  seed, offset, is_probs, return_logprobs):
     name = "probs" if is_probs else "logits"
     same_device(name, logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, indices=indices,
-                seed=seed, offset=offset)  # see _fake.py
+                seed=seed, offset=offset)  # see _checks.py
     n = logits.shape[0] if indices is None else indices.shape[0]
     tokens = logits.new_empty((n,), dtype=torch.int64)
     logprobs = logits.new_empty((n if return_logprobs else 0,), dtype=torch.float32)

@@ -34,12 +34,11 @@ Selected pages are **logical** page indices (positions in the sequence's page li
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple, Union
 
 import torch
 
-from ._fake import same_device
+from ._checks import as_index, same_device
 
 __all__ = ["new_page_summaries", "update_page_summaries", "sparse_paged_attention", "attention_mass"]
 
@@ -98,14 +97,16 @@ def sparse_paged_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     budget = {"top_k_pages": top_k_pages, "sink_pages": sink_pages, "local_pages": local_pages}
-    for name, v in budget.items():  # int(1.5) would silently be 1
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+    for name, v in budget.items():
+        i = as_index(v)  # int(1.5) would silently be 1
+        if i is None:
             raise TypeError(f"ttscale: {name} must be an int, got {v!r}")
-        if not -(2**63) <= int(v) < 2**63:
+        if not -(2**63) <= i < 2**63:
             raise ValueError(f"ttscale: {name} must be <= 2^30, got {v}")
+        budget[name] = i
     out, lse, sel = torch.ops.ttscale.sparse_paged_attention(q, k_cache, v_cache, summaries, kv_indptr, kv_indices,
-                                                             kv_last_page_len, int(top_k_pages), int(sink_pages),
-                                                             int(local_pages), float(scale))
+                                                             kv_last_page_len, budget["top_k_pages"],
+                                                             budget["sink_pages"], budget["local_pages"], float(scale))
     res = (out,) + ((lse,) if return_lse else ()) + ((sel,) if return_selected else ())
     return res[0] if len(res) == 1 else res
 
@@ -142,7 +143,7 @@ def _update_page_summaries_fake(k_cache, summaries, pages, page_lens=None):
 def _sparse_paged_attention_fake(q, k_cache, v_cache, summaries, kv_indptr, kv_indices, kv_last_page_len, top_k_pages,
                                  sink_pages, local_pages, scale):
     same_device("q", q, k_cache=k_cache, v_cache=v_cache, summaries=summaries, kv_indptr=kv_indptr,
-                kv_indices=kv_indices, kv_last_page_len=kv_last_page_len)  # see _fake.py
+                kv_indices=kv_indices, kv_last_page_len=kv_last_page_len)  # see _checks.py
     if top_k_pages < 0 or sink_pages < 0 or local_pages < 0:
         raise ValueError("ttscale: top_k_pages, sink_pages and local_pages must be >= 0")
     budget = top_k_pages + sink_pages + local_pages
