@@ -34,3 +34,13 @@ def budget_list(text: str) -> List[int]:
     if not items:
         raise argparse.ArgumentTypeError("expected comma-separated integers >= 1")
     return [int_at_least(1)(x) for x in items]
+
+
+def difficulty(text: str) -> int:
+    """A task difficulty of the built-in task: 1..MAX_DIFFICULTY operations."""
+    from ttscale.tasks import modarith
+
+    v = int_at_least(1)(text)
+    if v > modarith.MAX_DIFFICULTY:
+        raise argparse.ArgumentTypeError(f"must be in 1..{modarith.MAX_DIFFICULTY}, got {v}")
+    return v

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ._argtypes import budget_list, float_at_least, int_at_least
+from ._argtypes import budget_list, difficulty, float_at_least, int_at_least
 
 DEFAULT_STRATEGIES = ("majority", "best-of-n", "weighted-bon", "beam", "dvts", "rebase", "particle-filter")
 # the engine path runs a real model on the CPU: five strategies, 20 problems, budgets 1..64 by default
@@ -219,15 +219,6 @@ def plot(rows: List[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _difficulty(text: str) -> int:
-    from ttscale.tasks import modarith
-
-    v = int_at_least(1)(text)
-    if v > modarith.MAX_DIFFICULTY:
-        raise argparse.ArgumentTypeError(f"must be in 1..{modarith.MAX_DIFFICULTY}, got {v}")
-    return v
-
-
 def _writable_dir_of(ap: argparse.ArgumentParser, opt: str, path: str) -> None:
     # checked before the run, which takes minutes: a bad path used to fail only at the end
     d = os.path.dirname(os.path.abspath(path))
@@ -258,7 +249,7 @@ def main(argv=None) -> int:
                          % (",".join(DEFAULT_STRATEGIES), ",".join(ENGINE_DEFAULTS["strategies"])))
     ap.add_argument("--beam-width", type=int_at_least(1), default=4)
     ap.add_argument("--temperature", type=float_at_least(0.0), default=0.8)
-    ap.add_argument("--difficulty", type=_difficulty, default=None, help="task difficulty (engine backend)")
+    ap.add_argument("--difficulty", type=difficulty, default=None, help="task difficulty (engine backend)")
     ap.add_argument("--max-step-tokens", type=int_at_least(1), default=32)
     ap.add_argument("--max-new-tokens", type=int_at_least(1), default=256)
     ap.add_argument("--verifier", choices=("prm", "exact"), default="prm",

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Callable, List, Optional, Sequence
 
-from .._argtypes import float_at_least, int_at_least
+from .._argtypes import difficulty, float_at_least, int_at_least
 
 __all__ = ["run_bench", "main"]
 
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--width", type=int_at_least(1), default=32, help="beams / REBASE width (budget n)")
     ap.add_argument("--beam-width", type=int_at_least(1), default=4)
     ap.add_argument("--strategies", default="beam,rebase")
-    ap.add_argument("--difficulty", type=int_at_least(1), default=None)
+    ap.add_argument("--difficulty", type=difficulty, default=None)
     ap.add_argument("--temperature", type=float_at_least(0.0), default=0.8)
     ap.add_argument("--max-step-tokens", type=int_at_least(1), default=32)
     ap.add_argument("--max-new-tokens", type=int_at_least(1), default=256)

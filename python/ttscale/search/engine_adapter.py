@@ -220,8 +220,8 @@ class EngineGenerator:
             if m.finished:
                 out[i] = Step("", 0, True, "finished")
         if act:
-            res = self.engine.extend([nodes[i] for i in act],
-                                     max_new_tokens=self._step_caps([nodes[i] for i in act], [metas[i] for i in act]),
+            live = [nodes[i] for i in act]
+            res = self.engine.extend(live, max_new_tokens=self._step_caps(live, [metas[i] for i in act]),
                                      sampling=self.greedy_sampling if greedy else self.sampling, seed=int(seed),
                                      **self._stop_kwargs())
             self._calls += 1
