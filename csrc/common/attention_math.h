@@ -1,6 +1,15 @@
 // Attention math shared by every attention op (dense, paged, shared-prefix, sparse) and by the CPU
 // and CUDA paths. Conventions (DESIGN.md): LSE is the natural log of the softmax normaliser,
 // float32, [T, Hq]; an empty key set gives output 0 and LSE -inf.
+//
+// Non-finite values (the contract of every attention op on every device, as torch's SDPA math):
+//  - keys a query cannot see (causal / window mask, past the sequence, unselected sparse pages,
+//    tile padding) never touch its output or LSE, whatever their K and V hold: kernels must not
+//    accumulate 0 * v for them (0 * inf = NaN);
+//  - a NaN or +inf visible score (NaN / inf in the query or a visible key, softcap of NaN) makes the
+//    row's output all NaN and its LSE NaN. The online softmax marks such a row by a NaN running sum
+//    l, which sticks through every rescale and merge (poison());
+//  - a non-finite value at a visible key of V gives the IEEE result of sum p_j v_j / l.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -49,17 +58,31 @@ struct OnlineSoftmax {
     m = m_new;
     return alpha;
   }
-  TT_HD float lse() const { return l > 0.0f ? m + logf(l) : -INFINITY; }
+  TT_HD float lse() const { return l > 0.0f ? m + logf(l) : (l == 0.0f ? -INFINITY : NAN); }
+  // A NaN / +inf visible score: the row's result is NaN (see the contract above).
+  TT_HD void poison() { l = NAN; }
 };
+
+// Scale of the accumulated output at the end: 1 / l, 0 for an empty row (l = 0), NaN for a
+// poisoned one (l = NaN), so that out = acc * out_scale(l) follows the contract.
+TT_HD float out_scale(float l) { return l > 0.0f ? 1.0f / l : (l == 0.0f ? 0.0f : NAN); }
+
+// Whether a score makes its row NaN: NaN or +inf (-inf is a masked / impossible key).
+TT_HD bool poisons(float s) { return !(s < INFINITY); }
 
 // Merging two partial attention results over disjoint key sets (FlashInfer's merge_state, natural
 // log): w_a = e^{lse_a - lse}, w_b = e^{lse_b - lse}, lse = log(e^{lse_a} + e^{lse_b}),
-// out = w_a out_a + w_b out_b. Both empty (-inf): weights 0 and lse -inf.
+// out = w_a out_a + w_b out_b. Both empty (-inf): weights 0 and lse -inf. A NaN (poisoned) or
+// +inf state makes the result NaN (weights and lse NaN), whichever side it is on.
 struct MergeWeights {
   float wa, wb, lse;
 };
 TT_HD MergeWeights merge_weights(float lse_a, float lse_b) {
   MergeWeights r;
+  if (lse_a != lse_a || lse_b != lse_b || lse_a == INFINITY || lse_b == INFINITY) {
+    r.wa = NAN; r.wb = NAN; r.lse = NAN;
+    return r;
+  }
   const float mx = lse_a > lse_b ? lse_a : lse_b;
   if (mx == -INFINITY) {
     r.wa = 0.0f; r.wb = 0.0f; r.lse = -INFINITY;
