@@ -73,10 +73,11 @@ inline int64_t cpu_q_tile(int64_t G) {
 // tile), plus 16 so rows are not 4 KiB-aliased.
 inline int64_t cpu_ldq(int64_t M) { return (M + 63) / 64 * 64 + 16; }
 // CPU scratch floats for one unit of M rows: Q^T [D][ldq]; O [M][D]; K, V [kBlockK][D + kPadD];
-// S^T [kBlockK][ldq]; m, l, alpha, visible-begin, visible-end [ldq]; key ranges int64 [2M].
+// S^T [kBlockK][ldq]; m, l, alpha, visible-begin, visible-end [ldq]; key ranges int64 [2M];
+// non-finite value rows of a block [kBlockK][D].
 inline int64_t cpu_scratch_floats(int64_t M, int64_t D) {
   const int64_t ldq = cpu_ldq(M);
-  return D * ldq + M * D + 2 * kBlockK * (D + kPadD) + kBlockK * ldq + 5 * ldq + 4 * M + 64;
+  return D * ldq + M * D + 2 * kBlockK * (D + kPadD) + kBlockK * ldq + 5 * ldq + 4 * M + kBlockK * D + 64;
 }
 
 struct CpuKernels {

@@ -208,6 +208,8 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
   float* rele = relb + ldq;
   int64_t* kb = reinterpret_cast<int64_t*>(rele + ldq + ((rele + ldq - scratch) & 1));  // 8-byte aligned
   int64_t* ke = kb + M;
+  float* Vbad = reinterpret_cast<float*>(ke + M);  // [kBlockK][D] the non-finite value rows of a block
+  int bad_keys[kBlockK];
 
   const T* qbase = static_cast<const T*>(p.q) + b * p.q_sb + (p.cu_q ? qtok0 * p.q_st : 0);
   const T* kbase = static_cast<const T*>(p.k) + b * p.k_sb + ktok0 * p.k_st + hk * p.k_sh;
@@ -256,6 +258,27 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
     st_rows(Kb, ldkv, n, D, QT, ldq, ncols, St);
     // mask only where some query of the unit does not see the whole block
     const bool need_mask = j0 < kb_max || j0 + n > ke_min;
+    // A masked key has P = 0, and 0 * inf = NaN: in a masked block, value rows holding a non-finite
+    // element are zeroed before the P.V product and their non-finite elements are added back below,
+    // to the rows that see the key only (attention_math.h's contract). Clean blocks skip it.
+    int n_bad = 0;
+    if (need_mask)
+      for (int j = 0; j < n; ++j) {
+        VM b = cmp_gt(zero, zero);  // bad(): NaN or +inf; bad(-x) adds -inf
+        for (int64_t d = 0; d < D; d += W) {
+          const VF x = load(Vb + j * ldkv + d);
+          b = mask_or(b, mask_or(bad(x), bad(sub(zero, x))));
+        }
+        if (bits(b)) bad_keys[n_bad++] = j;
+      }
+    for (int i = 0; i < n_bad; ++i) {
+      float* vr = Vb + bad_keys[i] * ldkv;
+      float* keep = Vbad + i * D;
+      for (int64_t d = 0; d < D; ++d) {
+        keep[d] = vr[d];
+        if (!(std::fabs(vr[d]) < INFINITY)) vr[d] = 0.0f;
+      }
+    }
     if (need_mask) {
       for (int64_t r = 0; r < M; ++r) {
         const int64_t a = kb[r] - j0, e = ke[r] - j0;  // clamp to [-1, n + 1]: exact in float
@@ -264,9 +287,11 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
         if (a >= e) relb[r] = rele[r] = 0.0f;
       }
     }
-    // softcap, mask, online softmax down the columns (W queries at a time)
+    // softcap, mask, online softmax down the columns (W queries at a time); a NaN / +inf visible
+    // score poisons its row (l = NaN, sticky through fmadd below)
     for (int c = 0; c < ncols; c += W) {
       VF mx = ninf;
+      VM poisoned = cmp_gt(zero, zero);  // all false
       const VF rb = load(relb + c), re = load(rele + c);
       for (int j = 0; j < n; ++j) {
         float* sp = St + j * ldq + c;
@@ -279,6 +304,7 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
         }
         if (cap > 0.0f || need_mask) store(sp, x);
         mx = max(mx, x);
+        poisoned = mask_or(poisoned, bad(x));
       }
       // attn::OnlineSoftmax::rescale_to, W queries at a time
       const VF m_old = load(mrow + c);
@@ -293,10 +319,20 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
         sum = add(sum, e);
       }
       store(mrow + c, m_new);
-      store(lrow + c, fmadd(load(lrow + c), al, sum));
+      store(lrow + c, select(poisoned, set1(NAN), fmadd(load(lrow + c), al, sum)));
       store(alpha + c, al);
     }
     pv_rows(St, ldq, Vb, ldkv, n, D, alpha, Ob, M);
+    for (int i = 0; i < n_bad; ++i) {
+      const int j = bad_keys[i];
+      const float* keep = Vbad + i * D;
+      for (int64_t r = 0; r < M; ++r) {
+        if (j0 + j < kb[r] || j0 + j >= ke[r]) continue;
+        const float pr = St[j * ldq + r];
+        for (int64_t d = 0; d < D; ++d)
+          if (!(std::fabs(keep[d]) < INFINITY)) Ob[r * D + d] += pr * keep[d];
+      }
+    }
   }
 
   // normalise and write
@@ -308,7 +344,7 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
       const int64_t t = qtok0 + r0 + i;
       float* o = out + (t * p.Hq + h) * D;
       const attn::OnlineSoftmax st_{mrow[r], lrow[r]};
-      const VF vi = set1(lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f);
+      const VF vi = set1(attn::out_scale(lrow[r]));
       for (int64_t d = 0; d < D; d += W) store(o + d, mul(load(Ob + r * D + d), vi));
       if (p.lse) p.lse[t * p.Hq + h] = st_.lse();
     }

@@ -176,6 +176,10 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
         kp[j] = kbase[j] + hh * p.k_stride_head;
         vp[j] = vbase[j] + hh * p.v_stride_head;
       }
+      // keys of this chunk whose value row holds a non-finite element, found on the first tile
+      // that masks part of the chunk (see exact_pv below); clean chunks never scan
+      uint64_t vbad = 0;
+      bool vbad_known = false;
 #if defined(TTSCALE_CPU_ISA_AVX512BF16)
       if (widen && pairs) {
         pack_chunk_bf16pairs(reinterpret_cast<const bf16_t* const*>(kp), reinterpret_cast<const bf16_t* const*>(vp), nk,
@@ -233,9 +237,15 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           }
           for (int j = nk; j < ck; ++j) sr[j] = -INFINITY;
           VF mx = load(sr);
-          for (int j = W; j < ck; j += W) mx = max(mx, load(sr + j));
+          VM poisoned = bad(mx);
+          for (int j = W; j < ck; j += W) {
+            const VF x = load(sr + j);
+            mx = max(mx, x);
+            poisoned = mask_or(poisoned, bad(x));
+          }
           const float bm = hmax(mx);
-          if (bm == -INFINITY) {
+          if (bits(poisoned)) s.l[row] = NAN;  // a NaN / +inf visible score: the row is NaN (sticky)
+          if (bm == -INFINITY || bits(poisoned)) {
             for (int j = 0; j < ck; ++j) sr[j] = 0.0f;
             continue;
           }
@@ -257,6 +267,44 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
           s.m[row] = os.m;
           s.l[row] = os.l;
         }
+        // A masked key has P = 0 and 0 * inf = NaN, so a tile that masks a key whose value row is
+        // not finite runs P.V row by row over each row's own visible keys (attention_math.h's
+        // contract); tiles without such a key (all of them, unless V holds inf / NaN) stay on the
+        // 4-row kernels.
+        bool exact_pv = false;
+        if (!full) {
+          if (!vbad_known) {
+            for (int j = 0; j < nk; ++j) {
+              VM b = cmp_gt(set1(0.0f), set1(0.0f));
+              for (int d = 0; d < D; d += W) {
+                const VF x = load(vp[j] + d);
+                b = mask_or(b, mask_or(bad(x), bad(sub(set1(0.0f), x))));  // NaN, +inf, -inf
+              }
+              if (bits(b)) vbad |= uint64_t(1) << j;
+            }
+            vbad_known = true;
+          }
+          for (int r = 0; r < nr && vbad; ++r) {
+            const int64_t jb = s.kb[t0 + r] - c0, je = s.ke[t0 + r] - c0;
+            uint64_t seen = 0;  // bits [max(jb, 0), min(je, nk)) of the chunk
+            for (int64_t j = jb < 0 ? 0 : jb; j < (je < nk ? je : nk); ++j) seen |= uint64_t(1) << j;
+            if (vbad & ~seen) exact_pv = true;
+          }
+        }
+        if (exact_pv) {
+          alignas(64) float P1[kRowTile][kKeyChunk];
+          for (int r = 0; r < nr; ++r) {
+            int64_t jb = s.kb[t0 + r] - c0, je = s.ke[t0 + r] - c0;
+            jb = jb < 0 ? 0 : jb;
+            je = je < nk ? je : nk;
+            if (jb >= je) continue;
+            for (int rr = 0; rr < kRowTile; ++rr)
+              for (int j = 0; j < kKeyChunk; ++j) P1[rr][j] = 0.0f;
+            for (int64_t j = jb; j < je; ++j) P1[0][j - jb] = S[r][j];
+            float* o1[kRowTile] = {orows[r], s.acc + rows * D, s.acc + (rows + 1) * D, s.acc + (rows + 2) * D};
+            pv4<T, D>(o1, P1, vp + jb, (int)(je - jb), nullptr);
+          }
+        } else
 #if defined(TTSCALE_CPU_ISA_AVX512BF16)
         if (widen && pairs) pv_tile_t_bf16dot<D>(orows, S, reinterpret_cast<const uint32_t*>(s.vbuf), nk);
         else
@@ -275,9 +323,9 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
       const VF inv = set1(1.0f / l);
       for (int d = 0; d < D; d += W) store(o + d, mul(load(a + d), inv));
       lse[r] = s.m[r] + std::log(l);
-    } else {
-      for (int d = 0; d < D; ++d) o[d] = 0.0f;
-      lse[r] = -INFINITY;
+    } else {  // empty (0, -inf) or poisoned (NaN, NaN)
+      for (int d = 0; d < D; ++d) o[d] = attn::out_scale(l);
+      lse[r] = attn::OnlineSoftmax{s.m[r], l}.lse();
     }
   }
 }

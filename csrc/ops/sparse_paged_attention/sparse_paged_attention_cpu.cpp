@@ -235,7 +235,16 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
           continue;
         }
         float bm = -INFINITY;
-        for (int j = 0; j < nk; ++j) bm = sr[j] > bm ? sr[j] : bm;
+        bool poisoned = false;  // a NaN / +inf score (attention_math.h): the row becomes NaN
+        for (int j = 0; j < nk; ++j) {
+          bm = sr[j] > bm ? sr[j] : bm;
+          poisoned |= attn::poisons(sr[j]);
+        }
+        if (poisoned) {
+          l[t * 4 + r] = NAN;  // sticky: every later rescale and sum keeps it
+          for (int j = 0; j < nkw; ++j) sr[j] = 0.0f;
+          continue;
+        }
         attn::OnlineSoftmax os{m[t * 4 + r], l[t * 4 + r]};
         const float alpha = os.rescale_to(bm);
         if (alpha != 1.0f) {
@@ -263,9 +272,9 @@ void attend_t(const SparseParams& s, int64_t b, int64_t h, const int32_t* kept, 
       const float inv = 1.0f / l[g];
       for (int d = 0; d < D; ++d) out[g * D + d] = acc[g * D + d] * inv;
       lse[g] = m[g] + std::log(l[g]);
-    } else {
-      for (int d = 0; d < D; ++d) out[g * D + d] = 0.0f;
-      lse[g] = -INFINITY;
+    } else {  // no key (0, -inf) or poisoned (NaN, NaN)
+      for (int d = 0; d < D; ++d) out[g * D + d] = attn::out_scale(l[g]);
+      lse[g] = attn::OnlineSoftmax{m[g], l[g]}.lse();
     }
   }
 }

@@ -9,7 +9,33 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["attention_ref"]
+__all__ = ["attention_ref", "masked_softmax_attend"]
+
+
+def masked_softmax_attend(s: torch.Tensor, vis: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of scores ``s [H, Q, K]`` over values ``v [K, H, D]``, keys where ``vis``
+    (broadcastable to ``s``) is False excluded exactly: ``(out [Q, H, D], lse [Q, H])``.
+
+    The non-finite contract of the ops (csrc/common/attention_math.h): an invisible key never
+    touches a row, whatever its K / V hold (a plain ``p @ v`` would give 0 * inf = NaN there); a
+    NaN or +inf visible score makes the row's output and LSE NaN; a row with no visible key gets
+    output 0 and LSE -inf; a non-finite visible value gives the IEEE ``sum p_j v_j``."""
+    vis = vis.expand_as(s)
+    s = s.masked_fill(~vis, float("-inf"))
+    poisoned = (~(s < float("inf"))).any(-1)  # NaN or +inf among the visible scores: [H, Q]
+    lse = torch.logsumexp(s, dim=-1)
+    ok = ~(torch.isinf(lse) | poisoned)
+    p = torch.exp(s - torch.where(ok, lse, torch.zeros_like(lse))[..., None])
+    p = torch.where(vis, p, torch.zeros_like(p))
+    finite = torch.isfinite(v)
+    out = torch.einsum("hqk,khd->qhd", p, torch.where(finite, v, torch.zeros_like(v)))
+    # non-finite values enter only through the visible keys' terms, added one value element at a time
+    for k, h, d in (~finite).nonzero().tolist():
+        term = p[h, :, k] * v[k, h, d]
+        out[:, h, d] += torch.where(vis[h, :, k], term, torch.zeros_like(term))
+    lse = torch.where(poisoned, torch.full_like(lse, float("nan")), lse)
+    out = torch.where(poisoned.transpose(0, 1)[..., None], torch.full_like(out, float("nan")), out)
+    return out, lse.transpose(0, 1)
 
 
 def _one(q, k, v, causal, scale, window_left, softcap):
@@ -29,11 +55,7 @@ def _one(q, k, v, causal, scale, window_left, softcap):
         vis &= kj <= pos
     if window_left >= 0:
         vis &= (pos - kj) <= window_left  # not kj >= pos - window_left: int64 overflow near sys.maxsize
-    s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [h, q]; -inf where nothing is visible
-    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = torch.einsum("hqk,khd->qhd", p, vv)
-    return out, lse.transpose(0, 1)
+    return masked_softmax_attend(s, vis, vv)
 
 
 def attention_ref(

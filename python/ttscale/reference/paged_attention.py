@@ -10,6 +10,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .attention import masked_softmax_attend
+
 
 def kv_lens(kv_indptr: torch.Tensor, kv_last_page_len: torch.Tensor, page_size: int) -> List[int]:
     ip = kv_indptr.tolist()
@@ -60,12 +62,9 @@ def paged_attention_ref(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page
             vis &= kpos <= qpos
         if window_left >= 0:
             vis &= (qpos - kpos) <= window_left  # not kpos >= qpos - window_left: int64 overflow
-        s = s.masked_fill(~vis, -math.inf)
-        l = torch.logsumexp(s, dim=-1)  # [Hq, nq]
-        p = torch.exp(s - l.unsqueeze(-1)).nan_to_num(0.0)
-        o = torch.einsum("hqk,khd->qhd", p, vv)
+        o, l = masked_softmax_attend(s, vis, vv)
         out[qo[b]:qo[b + 1]] = o
-        lse[qo[b]:qo[b + 1]] = l.transpose(0, 1)
+        lse[qo[b]:qo[b + 1]] = l
     return out, lse
 
 
@@ -73,9 +72,14 @@ def merge_attention_states_ref(out_a, lse_a, out_b, lse_b, dtype=torch.float64):
     a, b = out_a.to(dtype), out_b.to(dtype)
     la, lb = lse_a.to(dtype), lse_b.to(dtype)
     lse = torch.logaddexp(la, lb)
-    wa = torch.exp(la - lse).nan_to_num(0.0).unsqueeze(-1)
-    wb = torch.exp(lb - lse).nan_to_num(0.0).unsqueeze(-1)
-    return wa * a + wb * b, lse
+    # both empty (-inf): weights 0 (exp(-inf - -inf) is NaN); a NaN or +inf state: weights and LSE NaN
+    empty = torch.isneginf(lse)
+    bad = ~(la < math.inf) | ~(lb < math.inf)
+    nan = torch.full_like(lse, math.nan)
+    wa = torch.where(empty, torch.zeros_like(lse), torch.exp(la - lse))
+    wb = torch.where(empty, torch.zeros_like(lse), torch.exp(lb - lse))
+    wa, wb, lse = (torch.where(bad, nan, x) for x in (wa, wb, lse))
+    return wa.unsqueeze(-1) * a + wb.unsqueeze(-1) * b, lse
 
 
 def build_page_table(seq_lens: List[int], page_size: int, num_pages: Optional[int] = None, generator=None,

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from .attention import masked_softmax_attend
 from .paged_attention import kv_lens
 
 
@@ -93,10 +94,10 @@ def sparse_attention_ref(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_pag
             k = torch.cat(ks).to(dtype)
             v = torch.cat(vs).to(dtype)
             qq = q[b, h * g:(h + 1) * g].to(dtype)
-            s = qq @ k.T * scale
-            l = torch.logsumexp(s, -1)
-            out[b, h * g:(h + 1) * g] = torch.exp(s - l[:, None]) @ v
-            lse[b, h * g:(h + 1) * g] = l
+            s = (qq @ k.T * scale)[:, None, :]  # [g, 1 query, keys]
+            o, l = masked_softmax_attend(s, torch.ones_like(s, dtype=torch.bool), v[:, None, :].expand(-1, g, -1))
+            out[b, h * g:(h + 1) * g] = o[0]
+            lse[b, h * g:(h + 1) * g] = l[0]
     return out, lse
 
 
