@@ -131,6 +131,8 @@ void update_page_summaries_impl(const Tensor& k_cache, Tensor summaries, const T
                                 const c10::optional<Tensor>& page_lens) {
   check_summary_cache(k_cache);
   check_summaries(summaries, k_cache);
+  check_no_internal_overlap(summaries, "summaries");
+  check_no_overlap(summaries, "summaries", k_cache, "k_cache", /*other_is_output=*/false);
   const auto pl = page_list(k_cache, pages, page_lens);
   // A page listed twice would be summarised by two threads (CPU chunks, CUDA blocks) at once, and
   // with different lengths the result would depend on which finished last.

@@ -38,7 +38,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import as_index, same_device
+from ._checks import as_index, no_internal_overlap, same_device
 
 __all__ = ["new_page_summaries", "update_page_summaries", "sparse_paged_attention", "attention_mass"]
 
@@ -58,7 +58,9 @@ def new_page_summaries(k_cache: torch.Tensor, page_lens: Optional[torch.Tensor] 
 def update_page_summaries(k_cache: torch.Tensor, summaries: torch.Tensor, pages: torch.Tensor,
                           page_lens: Optional[torch.Tensor] = None) -> None:
     """Recompute, in place, the summaries of ``pages [n]`` (distinct page ids) over their first
-    ``page_lens [n]`` tokens (default: every slot)."""
+    ``page_lens [n]`` tokens (default: every slot). ``summaries`` is written in place: it must give
+    every element its own memory (not an ``expand()``ed view) and share none with ``k_cache``
+    (RuntimeError otherwise)."""
     torch.ops.ttscale.update_page_summaries(k_cache, summaries, pages, page_lens)
 
 
@@ -136,6 +138,7 @@ def _new_page_summaries_fake(k_cache, page_lens=None):
 @torch.library.register_fake("ttscale::update_page_summaries")
 def _update_page_summaries_fake(k_cache, summaries, pages, page_lens=None):
     same_device("k_cache", k_cache, summaries=summaries, pages=pages, page_lens=page_lens)
+    no_internal_overlap("summaries", summaries)
     return None
 
 
