@@ -433,6 +433,169 @@ def test_bad_append_and_copy():
         copy_pages(k, v, torch.tensor([0, 1]), torch.tensor([3]))
 
 
+# --------------------------------------------------------------------------- in-place outputs and memory overlap
+# Issue 18.3: an expand()ed (stride-0) or otherwise self-overlapping cache was written through
+# silently (one write landing on several pages), caches that shared memory clobbered each other,
+# and torch's own in-place ops refuse all of these. Every refusal must leave the memory untouched.
+P, PS, H, D = 6, 4, 2, 64
+_SELF_OVERLAP = "is written in place, so each of its elements needs its own memory"
+
+
+def _one_token_table():
+    # one sequence on pages 1 and 3, 6 tokens: the appended token goes to page 3, slot 1
+    return _i32(0, 2), _i32(1, 3), _i32(2)
+
+
+def _self_overlapping_views():
+    """(name, view, base) of [P, PS, H, D] layouts in which distinct elements share memory."""
+    base = torch.randn(1, PS, H, D)
+    yield "expand", base.expand(P, PS, H, D), base
+    flat = torch.randn(P * PS * H * D)
+    # pages half a page apart: page p + 1 starts in the middle of page p (no stride is 0)
+    yield "as_strided", flat.as_strided((P, PS, H, D), (PS * H * D // 2, H * D, D, 1)), flat
+    b2 = torch.randn(P, PS, 1, D)
+    yield "expand_heads", b2.expand(P, PS, H, D), b2
+
+
+@pytest.mark.parametrize("which", ["k_cache", "v_cache"])
+def test_self_overlapping_cache_is_refused(which):
+    kn, vn = torch.randn(1, H, D), torch.randn(1, H, D)
+    ip, ix, last = _one_token_table()
+    for kind, bad, base in _self_overlapping_views():
+        good = torch.randn(P, PS, H, D)
+        kc, vc = (bad, good) if which == "k_cache" else (good, bad)
+        before, good0 = base.clone(), good.clone()
+        for call in (lambda: append_paged_kv(kn, vn, kc, vc, ip, ix, last),
+                     lambda: torch.ops.ttscale.append_paged_kv(kn, vn, kc, vc, ip, ix, last, None, None, None),
+                     lambda: copy_pages(kc, vc, torch.tensor([1]), torch.tensor([4])),
+                     lambda: torch.ops.ttscale.copy_pages(kc, vc, torch.tensor([1]), torch.tensor([4]), None)):
+            with pytest.raises(RuntimeError, match=f"{which} {_SELF_OVERLAP}"):
+                call()
+            assert torch.equal(base, before) and torch.equal(good, good0), kind
+        # the fake kernels (meta tensors, torch.compile) refuse it the same way: strides only
+        meta = [t.to("meta") if t is not bad else torch.empty_strided(bad.shape, bad.stride(), device="meta")
+                for t in (kn, vn, kc, vc, ip, ix, last)]
+        with pytest.raises(RuntimeError, match=f"{which} {_SELF_OVERLAP}"):
+            torch.ops.ttscale.append_paged_kv(*meta, None, None, None)
+
+
+def test_self_overlapping_summaries_are_refused():
+    from ttscale.ops import new_page_summaries, update_page_summaries
+
+    k, v = torch.randn(P, PS, H, D), torch.randn(P, PS, H, D)
+    kn, vn = torch.randn(1, H, D), torch.randn(1, H, D)
+    ip, ix, last = _one_token_table()
+    base = new_page_summaries(k)[:1].clone()
+    bad = base.expand(P, 3, H, D)
+    before, k0 = base.clone(), k.clone()
+    for call in (lambda: append_paged_kv(kn, vn, k, v, ip, ix, last, summaries=bad),
+                 lambda: copy_pages(k, v, torch.tensor([1]), torch.tensor([4]), summaries=bad),
+                 lambda: update_page_summaries(k, bad, torch.tensor([0, 2])),
+                 lambda: torch.ops.ttscale.update_page_summaries(k, bad, torch.tensor([0, 2]), None)):
+        with pytest.raises(RuntimeError, match=f"summaries {_SELF_OVERLAP}"):
+            call()
+        assert torch.equal(base, before) and torch.equal(k, k0)
+
+
+def test_caches_sharing_memory_are_refused():
+    from ttscale.ops import update_page_summaries
+
+    kn, vn = torch.randn(1, H, D), torch.randn(1, H, D)
+    ip, ix, last = _one_token_table()
+    n = P * PS * H * D
+    buf = torch.randn(n + PS * H * D)
+    k = buf[:n].view(P, PS, H, D)
+    v_shifted = buf[PS * H * D:].view(P, PS, H, D)  # v's page p is k's page p + 1
+    for kc, vc in ((k, k), (k, v_shifted), (v_shifted, k)):
+        buf0 = buf.clone()
+        with pytest.raises(RuntimeError, match="k_cache and v_cache share memory"):
+            append_paged_kv(kn, vn, kc, vc, ip, ix, last)
+        with pytest.raises(RuntimeError, match="k_cache and v_cache share memory"):
+            copy_pages(kc, vc, torch.tensor([1]), torch.tensor([4]))
+        assert torch.equal(buf, buf0)
+    # summaries carved out of the key cache's memory
+    k2, v2 = torch.randn(P, PS, H, D), torch.randn(P, PS, H, D)
+    s_in_k = k2.view(-1)[:P * 3 * H * D].view(P, 3, H, D)
+    with pytest.raises(RuntimeError, match="summaries and k_cache share memory"):
+        append_paged_kv(kn, vn, k2, v2, ip, ix, last, summaries=s_in_k)
+    with pytest.raises(RuntimeError, match="summaries and v_cache share memory"):
+        copy_pages(k2, v2, torch.tensor([1]), torch.tensor([4]), summaries=v2.view(-1)[:P * 3 * H * D].view(P, 3, H, D))
+    with pytest.raises(RuntimeError, match="k_cache shares memory with summaries"):
+        update_page_summaries(k2, s_in_k, torch.tensor([0]))
+
+
+def test_new_tokens_inside_a_cache_are_refused():
+    # k / v that are views into the caches would be read while the caches are written
+    k, v = torch.randn(P, PS, H, D), torch.randn(P, PS, H, D)
+    ip, ix, last = _one_token_table()
+    kn, vn = torch.randn(1, H, D), torch.randn(1, H, D)
+    k0, v0 = k.clone(), v.clone()
+    for kk, vv, msg in ((k[0, :1], vn, "k shares memory with k_cache"), (kn, v[2, :1], "v shares memory with v_cache"),
+                        (v[2, :1], vn, "k shares memory with v_cache"), (kn, k[2, 1:2], "v shares memory with k_cache")):
+        with pytest.raises(RuntimeError, match=msg):
+            append_paged_kv(kk, vv, k, v, ip, ix, last)
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    # a clone of the same values is fine: page 3 slot 1 gets page 0 slot 0's key
+    append_paged_kv(k[0, :1].clone(), vn, k, v, ip, ix, last)
+    assert torch.equal(k[3, 1], k0[0, 0]) and torch.equal(v[3, 1], vn[0])
+
+
+def test_strided_non_overlapping_caches_still_work():
+    """Views that give every element its own memory stay accepted, and the ops write the right slots:
+    k and v interleaved in one [P, 2, page, H, D] buffer, a head-major buffer seen as [P, page, H, D],
+    two halves of one allocation, and a page-strided slice."""
+    from ttscale.ops import new_page_summaries, update_page_summaries
+
+    g = torch.Generator().manual_seed(3)
+    kv = torch.randn(P, 2, PS, H, D, generator=g)
+    head_major = torch.randn(2, P, H, PS, D, generator=g).permute(0, 1, 3, 2, 4)  # [2, P, PS, H, D], not contiguous
+    halves = torch.randn(2, P, PS, H, D, generator=g)
+    every_other = torch.randn(2 * P, PS, H, D, generator=g)
+    layouts = {"interleaved": (kv[:, 0], kv[:, 1]), "head_major": (head_major[0], head_major[1]),
+               "halves": (halves[0], halves[1]), "page_strided": (every_other[0::2], every_other[1::2])}
+    ip, ix, last = _one_token_table()
+    for name, (kc, vc) in layouts.items():
+        assert not kc.is_contiguous() or name == "halves"
+        kn, vn = torch.randn(1, H, D, generator=g), torch.randn(1, H, D, generator=g)
+        exp_k, exp_v = kc.clone(), vc.clone()
+        s = new_page_summaries(kc)
+        append_paged_kv(kn, vn, kc, vc, ip, ix, last, summaries=s)
+        exp_k[3, 1], exp_v[3, 1] = kn[0], vn[0]
+        assert torch.equal(kc, exp_k) and torch.equal(vc, exp_v), name
+        copy_pages(kc, vc, torch.tensor([3]), torch.tensor([5]), summaries=s)
+        exp_k[5], exp_v[5] = exp_k[3], exp_v[3]
+        assert torch.equal(kc, exp_k) and torch.equal(vc, exp_v), name
+        # summaries in a strided view too (a slice of a bigger buffer)
+        big = torch.full((P, 5, H, D), float("nan"))
+        sv = big[:, 1:4]
+        update_page_summaries(kc, sv, torch.arange(P))
+        assert torch.equal(sv, new_page_summaries(kc)), name
+        assert torch.isnan(big[:, 0]).all() and torch.isnan(big[:, 4]).all()
+        check(torch.randn(1, 2 * H, D, generator=g), kc, vc, ip, ix, last)
+
+
+def test_merge_inplace_refuses_shared_memory():
+    a, la = _states(5, 3, 64, torch.float32, 1)
+    b, lb = _states(5, 3, 64, torch.float32, 2)
+    buf = torch.randn(6 * 3 * 64)
+    out, shifted = buf[:5 * 3 * 64].view(5, 3, 64), buf[3 * 64:].view(5, 3, 64)  # rows one apart
+    for args, msg in (((a, la, a, lb), "out_other shares memory with out"),
+                      ((a, la, b, la), "lse_other shares memory with lse"),
+                      ((out, la, shifted, lb), "out_other shares memory with out")):
+        buf0, a0, la0 = buf.clone(), a.clone(), la.clone()
+        with pytest.raises(RuntimeError, match=msg):
+            merge_attention_states_(*args)
+        assert torch.equal(buf, buf0) and torch.equal(a, a0) and torch.equal(la, la0)
+    both = torch.randn(5 * 3 * 64)
+    with pytest.raises(RuntimeError, match="out and lse share memory"):
+        merge_attention_states_(both.view(5, 3, 64), both[:15].view(5, 3), b, lb)
+    # the refusal does not touch the valid case: a fresh pair merges as before
+    o, l = a.clone(), la.clone()
+    merge_attention_states_(o, l, b, lb)
+    ro, rl = merge_attention_states(a, la, b, lb)
+    assert torch.equal(o, ro) and torch.equal(l, rl)
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU and a CUDA build")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu(dtype):

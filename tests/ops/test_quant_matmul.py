@@ -366,6 +366,95 @@ def test_quantized_weight_inconsistent_fields():
         quant_matmul(torch.randn(2, 128), dataclasses.replace(qw, perm=torch.arange(64)))
 
 
+def test_perm_must_be_a_permutation(monkeypatch):
+    """Issue 18.4: perm was only checked for dtype and shape, so perm = zeros made quant_matmul use
+    x[..., 0] for every input feature and disagree with dequantize (which left columns unset), with
+    no error. A perm is now checked to be a permutation of 0..K-1 where a QuantizedWeight is built,
+    and quant_matmul / dequantize re-check it only if it was replaced or changed in place."""
+    import dataclasses
+
+    from ttscale.nn import QuantLinear
+    from ttscale.ops import repack
+
+    qw = quantize(_weight(40, 128), bits=4, group_size=32)
+    x = torch.randn(3, 128)
+    good = torch.randperm(128, generator=torch.Generator().manual_seed(5))
+    dup = good.clone()
+    dup[7] = dup[3]
+    bad = {"zeros": (torch.zeros(128, dtype=torch.int64), r"0 appears 128 times and 1 is missing"),
+           "duplicate": (dup, rf"{int(good[3])} appears 2 times and {int(good[7])} is missing"),
+           "out of range": (torch.arange(1, 129), r"qw.perm\[127\] = 128 is out of range"),
+           "negative": (torch.arange(128) - 1, r"qw.perm\[0\] = -1 is out of range")}
+    for name, (perm, msg) in bad.items():
+        for build in (lambda: dataclasses.replace(qw, perm=perm),
+                      lambda: QuantizedWeight(qw.packed, qw.scales, qw.zeros, 4, 32, (40, 128), qw.layout, perm)):
+            with pytest.raises(ValueError, match=rf"qw.perm must be a permutation of 0..K-1 .*{msg}"):
+                build()
+    with pytest.raises(ValueError, match=r"qw.perm must be int64 \[K\] = \[128\]"):
+        dataclasses.replace(qw, perm=good.to(torch.int32))
+
+    # a valid perm works as before: quant_matmul agrees with dequantize, after .to and repack too
+    qp = dataclasses.replace(qw, perm=good)
+    want = x @ dequantize(qp).t()
+    torch.testing.assert_close(quant_matmul(x, qp), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dequantize(qp)[:, good], dequantize(qw))
+    for other in (qp.to("cpu"), repack(repack(qp, "cuda_k32"), "cpu_n16")):
+        torch.testing.assert_close(quant_matmul(x, other), want, atol=1e-5, rtol=1e-5)
+
+    # checked once per perm tensor: more calls (and QuantLinear rebuilding its QuantizedWeight around
+    # the same buffer on every forward) do not re-check the values
+    calls = []
+    real_bincount = torch.bincount
+    monkeypatch.setattr(torch, "bincount", lambda *a, **kw: calls.append(1) or real_bincount(*a, **kw))
+    lin = QuantLinear(qp)
+    for _ in range(3):
+        quant_matmul(x, qp)
+        lin(x)
+    assert calls == []
+
+    # ... but never silently used after it was replaced or changed in place
+    qp2 = dataclasses.replace(qw, perm=good.clone())
+    qp2.perm = torch.zeros(128, dtype=torch.int64)
+    with pytest.raises(ValueError, match="qw.perm must be a permutation"):
+        quant_matmul(x, qp2)
+    with pytest.raises(ValueError, match="qw.perm must be a permutation"):
+        dequantize(qp2)
+    qp3 = dataclasses.replace(qw, perm=good.clone())
+    quant_matmul(x, qp3)
+    qp3.perm[5] = qp3.perm[6]
+    with pytest.raises(ValueError, match="qw.perm must be a permutation"):
+        quant_matmul(x, qp3)
+    qp3.perm.copy_(good)  # repaired in place: accepted again
+    torch.testing.assert_close(quant_matmul(x, qp3), want, atol=1e-5, rtol=1e-5)
+    # a QuantLinear whose perm buffer is loaded with a non-permutation refuses to run
+    sd = lin.state_dict()
+    sd["perm"] = torch.zeros(128, dtype=torch.int64)
+    lin.load_state_dict(sd)
+    with pytest.raises(ValueError, match="qw.perm must be a permutation"):
+        lin(x)
+
+
+def test_perm_under_torch_compile():
+    # the value check is not traced (no data-dependent branch on fake tensors): fullgraph compiles,
+    # with the weight checked when it was built
+    import dataclasses
+
+    qw = quantize(_weight(48, 128), bits=4, group_size=32)
+    qp = dataclasses.replace(qw, perm=torch.randperm(128, generator=torch.Generator().manual_seed(1)))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x):
+        return quant_matmul(x, qp) + 1.0
+
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(f(x), quant_matmul(x, qp) + 1.0)
+    # QuantLinear builds its QuantizedWeight inside the compiled forward (construction is traced)
+    from ttscale.nn import QuantLinear
+
+    lin = QuantLinear(qp)
+    torch.testing.assert_close(torch.compile(lin, fullgraph=True, backend="aot_eager")(x), quant_matmul(x, qp))
+
+
 def test_bad_quant_matmul_inputs():
     qw = quantize(_weight(48, 128), bits=4, group_size=32)
     x = torch.randn(2, 128)

@@ -103,3 +103,67 @@ def test_budget_must_be_integers():
     want = sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=2)
     for ok in (np.int64(2), torch.tensor(2)):
         assert torch.equal(sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=ok), want)
+
+
+def test_selected_width_is_the_budget_capped_by_the_page_table():
+    """Issue 18.5: selected (and every per-(b, h) buffer) was sized by the budget alone, so
+    top_k_pages=2**30 on a 10-page cache asked for B * Hkv * 4 GiB even with return_selected=False.
+    The width is min(budget, len(kv_indices)): the budget whenever the page table holds that many
+    pages, never more than the page table (no sequence can have more pages)."""
+    from ttscale.ops import paged_attention
+
+    g = torch.Generator().manual_seed(7)
+    P, PS, HKV, D = 13, 4, 2, 64
+    k = torch.randn(P, PS, HKV, D, generator=g)
+    v = torch.randn(P, PS, HKV, D, generator=g)
+    q = torch.randn(2, 2 * HKV, D, generator=g)
+    s = new_page_summaries(k)
+    ip = torch.tensor([0, 10, 13], dtype=torch.int32)  # sequences of 10 and 3 pages, nnz = 13
+    ix = torch.randperm(P, generator=g).to(torch.int32)
+    last = torch.tensor([3, 4], dtype=torch.int32)
+    dense = paged_attention(q, k, v, ip, ix, last)
+    # budgets above the page table: every page kept, rows of width nnz = 13, -1 padded
+    for tk, sk, lc in [(1000, 1, 1), (11, 1, 1), (2**30, 0, 0)]:
+        out, sel = sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=tk, sink_pages=sk, local_pages=lc,
+                                          return_selected=True)
+        assert sel.shape == (2, HKV, 13), (tk, sel.shape)
+        assert sel[0].tolist() == [list(range(10)) + [-1] * 3] * HKV
+        assert sel[1].tolist() == [list(range(3)) + [-1] * 10] * HKV
+        assert torch.equal(out, dense)
+    # a budget inside the page table keeps its documented width (the sparse path runs for sequence 0)
+    out, sel = sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=3, return_selected=True)
+    assert sel.shape == (2, HKV, 5)
+    assert sel[1].tolist() == [[0, 1, 2, -1, -1]] * HKV
+    # the fake kernel gives the same shapes without the page table (meta tensors, torch.compile)
+    for tk in (1000, 3):
+        meta = [t.to("meta") for t in (q, k, v, s, ip, ix, last)]
+        _, _, msel = torch.ops.ttscale.sparse_paged_attention(*meta, tk, 1, 1, 0.125)
+        assert msel.shape == (2, HKV, min(tk + 2, 13))
+        torch.library.opcheck(torch.ops.ttscale.sparse_paged_attention.default,
+                              (q, k, v, s, ip, ix, last, tk, 1, 1, 0.125))
+
+    def f(q, k, v, s, ip, ix, last):
+        return sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=2**30, sink_pages=0, local_pages=0,
+                                      return_selected=True)
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, s, ip, ix, last)
+    assert got[1].shape == (2, HKV, 13) and torch.equal(got[0], dense)
+
+
+def test_budget_beyond_int64_gets_the_ops_message():
+    # the wrapper refuses what cannot reach the op as an int64, with the op's own rule (its message
+    # used to say "<= 2^30" while checking only the int64 range)
+    k, v, q = torch.randn(8, 4, 1, 64), torch.randn(8, 4, 1, 64), torch.randn(1, 1, 64)
+    ip, ix, last = _table(8, 4)
+    s = new_page_summaries(k)
+    for kw, msg in [(dict(top_k_pages=2**64), r"top_k_pages \+ sink_pages \+ local_pages must be <= 2\^30"),
+                    (dict(top_k_pages=2, sink_pages=2**63), r"top_k_pages \+ sink_pages \+ local_pages must be <= 2\^30"),
+                    (dict(top_k_pages=2**30 + 1, sink_pages=0, local_pages=0), r"must be <= 2\^30 \(each term"),
+                    (dict(top_k_pages=2**30, sink_pages=0, local_pages=1), r"must be <= 2\^30 \(each term"),
+                    (dict(top_k_pages=-(2**64)), "top_k_pages must be >= 0"),
+                    (dict(top_k_pages=2, local_pages=-1), "local_pages must be >= 0")]:
+        with pytest.raises(ValueError, match=msg):
+            sparse_paged_attention(q, k, v, s, ip, ix, last, **kw)
+    # the largest allowed budget runs (and allocates by the 8-page table, not by 2^30)
+    out = sparse_paged_attention(q, k, v, s, ip, ix, last, top_k_pages=2**30 - 2)
+    assert out.shape == q.shape

@@ -233,6 +233,13 @@ void validate_merge_inplace(const Tensor& out, const Tensor& lse, const Tensor& 
   validate_merge(out, lse, out_other, lse_other, "out", "lse", "out_other", "lse_other");
   TT_CHECK(out.is_contiguous(), "out must be contiguous (it is updated in place), got strides ", out.strides());
   TT_CHECK(lse.is_contiguous(), "lse must be contiguous (it is updated in place), got strides ", lse.strides());
+  // contiguous, so neither overlaps itself; rows are merged in parallel, so no written tensor may
+  // share memory with the other output or with an input another row still reads
+  check_no_overlap(out, "out", lse, "lse", /*other_is_output=*/true);
+  for (const auto& pr : {std::make_pair(&out_other, "out_other"), std::make_pair(&lse_other, "lse_other")}) {
+    check_no_overlap(out, "out", *pr.first, pr.second, /*other_is_output=*/false);
+    check_no_overlap(lse, "lse", *pr.first, pr.second, /*other_is_output=*/false);
+  }
 }
 
 void merge_attention_states_inplace_cpu(Tensor out, Tensor lse, const Tensor& out_other, const Tensor& lse_other) {
@@ -268,6 +275,13 @@ AppendPlan plan_append(const Tensor& k, const Tensor& v, const Tensor& k_cache, 
     check_last_dim_contiguous(*pr.first, pr.second);
   }
   TT_CHECK(v.size(0) == k.size(0), "v must have as many tokens as k (", k.size(0), "), got ", v.size(0));
+  check_writable_cache_pair(k_cache, v_cache);
+  // the new tokens are read while the caches are written (CPU: token by token, CUDA: in parallel),
+  // so a k or v that is a view into a cache could be read after part of it was overwritten
+  for (const auto& pr : {std::make_pair(&k, "k"), std::make_pair(&v, "v")}) {
+    check_no_overlap(k_cache, "k_cache", *pr.first, pr.second, /*other_is_output=*/false);
+    check_no_overlap(v_cache, "v_cache", *pr.first, pr.second, /*other_is_output=*/false);
+  }
   const int64_t N = k.size(0);
   CacheInfo ci = validate_page_table(k_cache, kv_indptr, kv_indices, kv_last_page_len);
   AppendPlan plan;
@@ -346,8 +360,14 @@ void refresh_appended_summaries(const Tensor& k_cache, const c10::optional<Tenso
   sparse::refresh_page_summaries(k_cache, s, pages, lens);
 }
 
-void check_optional_summaries(const c10::optional<Tensor>& summaries, const Tensor& k_cache) {
-  if (summaries) sparse::check_page_summaries(*summaries, k_cache);
+// summaries written in place next to the caches (append_paged_kv, copy_pages): checked as the
+// caches are (its own memory per element, none shared with k_cache or v_cache, which are written too)
+void check_optional_summaries(const c10::optional<Tensor>& summaries, const Tensor& k_cache, const Tensor& v_cache) {
+  if (!summaries) return;
+  sparse::check_page_summaries(*summaries, k_cache);
+  check_no_internal_overlap(*summaries, "summaries");
+  check_no_overlap(*summaries, "summaries", k_cache, "k_cache", /*other_is_output=*/true);
+  check_no_overlap(*summaries, "summaries", v_cache, "v_cache", /*other_is_output=*/true);
 }
 
 void append_paged_kv_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tensor v_cache, const Tensor& kv_indptr,
@@ -356,7 +376,7 @@ void append_paged_kv_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
                          const c10::optional<Tensor>& append_indptr, const c10::optional<Tensor>& summaries) {
   const AppendPlan plan = plan_append(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices,
                                       positions, append_indptr);
-  check_optional_summaries(summaries, k_cache);
+  check_optional_summaries(summaries, k_cache, v_cache);
   const int64_t N = k.size(0), H = k.size(1), D = k.size(2), es = k.element_size();
   for (int pass = 0; pass < 2; ++pass) {
     const Tensor& src = pass == 0 ? k : v;
@@ -374,6 +394,7 @@ void append_paged_kv_cpu(const Tensor& k, const Tensor& v, Tensor k_cache, Tenso
 std::pair<Tensor, Tensor> validate_copy_pages(const Tensor& k_cache, const Tensor& v_cache, const Tensor& src,
                                               const Tensor& dst) {
   check_cache_pair(k_cache, v_cache);
+  check_writable_cache_pair(k_cache, v_cache);
   for (const auto& pr : {std::make_pair(&src, "src"), std::make_pair(&dst, "dst")}) {
     check_device(*pr.first, pr.second, k_cache, "k_cache");
     check_index_dtype(*pr.first, pr.second);
@@ -403,7 +424,7 @@ std::pair<Tensor, Tensor> validate_copy_pages(const Tensor& k_cache, const Tenso
 void copy_pages_cpu(Tensor k_cache, Tensor v_cache, const Tensor& src, const Tensor& dst,
                     const c10::optional<Tensor>& summaries) {
   const auto sd = validate_copy_pages(k_cache, v_cache, src, dst);
-  check_optional_summaries(summaries, k_cache);
+  check_optional_summaries(summaries, k_cache, v_cache);
   const int64_t n = src.size(0);
   const int64_t* s = sd.first.data_ptr<int64_t>();
   const int64_t* d = sd.second.data_ptr<int64_t>();
@@ -561,7 +582,7 @@ void append_paged_kv_cuda_impl(const Tensor& k, const Tensor& v, Tensor k_cache,
            "validated on the host)");
   const AppendPlan plan = plan_append(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, batch_indices,
                                       positions, append_indptr);
-  check_optional_summaries(summaries, k_cache);
+  check_optional_summaries(summaries, k_cache, v_cache);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const int64_t N = k.size(0);
   if (N == 0) return;
@@ -586,7 +607,7 @@ void append_paged_kv_cuda_impl(const Tensor& k, const Tensor& v, Tensor k_cache,
 void copy_pages_cuda_impl(Tensor k_cache, Tensor v_cache, const Tensor& src, const Tensor& dst,
                           const c10::optional<Tensor>& summaries) {
   const auto sd = validate_copy_pages(k_cache, v_cache, src, dst);
-  check_optional_summaries(summaries, k_cache);
+  check_optional_summaries(summaries, k_cache, v_cache);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   if (src.size(0) == 0) return;
   if (summaries) {

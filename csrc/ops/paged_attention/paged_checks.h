@@ -57,6 +57,15 @@ inline void check_cache_pair(const Tensor& k_cache, const Tensor& v_cache) {
   TT_CHECK(k_cache.size(2) >= 1, "k_cache num_kv_heads (dim 2) must be >= 1, got ", k_cache.size(2));
 }
 
+// A cache pair that an op writes in place (append_paged_kv, copy_pages): each needs its own memory
+// per element, and neither may share memory with the other (the schema declares them as separate
+// outputs, and an append's v write would land on keys).
+inline void check_writable_cache_pair(const Tensor& k_cache, const Tensor& v_cache) {
+  check_no_internal_overlap(k_cache, "k_cache");
+  check_no_internal_overlap(v_cache, "v_cache");
+  check_no_overlap(k_cache, "k_cache", v_cache, "v_cache", /*other_is_output=*/true);
+}
+
 inline CacheInfo validate_page_table(const Tensor& k_cache, const Tensor& kv_indptr, const Tensor& kv_indices,
                               const Tensor& kv_last_page_len) {
   CacheInfo ci;

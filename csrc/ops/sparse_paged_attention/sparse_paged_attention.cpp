@@ -131,6 +131,8 @@ void update_page_summaries_impl(const Tensor& k_cache, Tensor summaries, const T
                                 const c10::optional<Tensor>& page_lens) {
   check_summary_cache(k_cache);
   check_summaries(summaries, k_cache);
+  check_no_internal_overlap(summaries, "summaries");
+  check_no_overlap(summaries, "summaries", k_cache, "k_cache", /*other_is_output=*/false);
   const auto pl = page_list(k_cache, pages, page_lens);
   // A page listed twice would be summarised by two threads (CPU chunks, CUDA blocks) at once, and
   // with different lengths the result would depend on which finished last.
@@ -144,7 +146,12 @@ void update_page_summaries_impl(const Tensor& k_cache, Tensor summaries, const T
 // ---------------------------------------------------------------- sparse decode
 struct SparseInputs {
   paged::AttnInputs in;
-  int64_t budget = 0;
+  int64_t budget = 0;  // sink + local + top_k
+  // Row width of selected and of every per-(b, h) buffer: min(budget, nnz = kv_indices.size(0)). No
+  // sequence has more than nnz pages, so no row ever holds more kept pages than this, and a budget
+  // far above the cache (top_k_pages = 2^30 as "keep everything") costs nothing. It is a function
+  // of shapes only, so the fake kernel (which cannot read the page table) gives the same shape.
+  int64_t width = 0;
 };
 
 SparseInputs validate_sparse(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& summaries,
@@ -157,18 +164,22 @@ SparseInputs validate_sparse(const Tensor& q, const Tensor& k_cache, const Tenso
   si.in = paged::validate_paged_attention(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, c10::nullopt,
                                           scale, -1, 0.0);
   check_summaries(summaries, k_cache);
-  // each term is checked first: their int64 sum could wrap (sys.maxsize as "keep everything")
+  // each term is checked first: their int64 sum could wrap (sys.maxsize as "keep everything").
+  // Nothing is sized by the budget itself (SparseInputs::width), so the limit only keeps the sum
+  // well inside int64; 2^30 already exceeds the pages of any real sequence.
   constexpr int64_t kMaxBudget = (int64_t)1 << 30;
   TT_CHECK_VALUE(top_k_pages <= kMaxBudget && sink_pages <= kMaxBudget && local_pages <= kMaxBudget &&
                      top_k_pages + sink_pages + local_pages <= kMaxBudget,
-                 "top_k_pages + sink_pages + local_pages must be <= 2^30 (it is the width of the selected-pages "
-                 "output), got ", top_k_pages, " + ", sink_pages, " + ", local_pages);
+                 "top_k_pages + sink_pages + local_pages must be <= 2^30 (each term and their sum), got ",
+                 top_k_pages, " + ", sink_pages, " + ", local_pages);
   si.budget = top_k_pages + sink_pages + local_pages;
+  si.width = std::min<int64_t>(si.budget, kv_indices.size(0));
   return si;
 }
 
 // Kept logical pages of (b, h), ascending, from the scores of the sequence's pages
-// (scores[j * Hkv + h]); writes n_kept entries to `kept` (capacity budget).
+// (scores[j * Hkv + h]); writes n_kept = min(np, sink + local + top_k) entries to `kept` (a row of
+// selected: its width min(budget, nnz) is at least that, as np <= nnz).
 int64_t select_pages(const float* scores, int64_t np, int64_t Hkv, int64_t h, int64_t sink, int64_t local,
                      int64_t top_k, int32_t* kept, std::vector<int32_t>& cand) {
   if (np <= sink + local + top_k) {
@@ -193,7 +204,7 @@ int64_t select_pages(const float* scores, int64_t np, int64_t Hkv, int64_t h, in
 bool dense_if_all_kept(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& kv_indptr,
                        const Tensor& kv_indices, const Tensor& kv_last_page_len, const SparseInputs& si, double scale,
                        Tensor& out, Tensor& lse, Tensor& selected) {
-  const int64_t B = si.in.ci.B, Hkv = si.in.ci.Hkv, budget = si.budget;
+  const int64_t B = si.in.ci.B, Hkv = si.in.ci.Hkv, budget = si.budget, width = si.width;
   const int32_t* ip = si.in.ci.indptr.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     if (ip[b + 1] - ip[b] > budget) return false;
@@ -204,11 +215,11 @@ bool dense_if_all_kept(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                                                          bool, double, int64_t, double, bool)>();
   std::tie(out, lse) = op.call(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, c10::nullopt, true, scale,
                                -1, 0.0, true);
-  Tensor sel = at::full({B, Hkv, budget}, -1, at::TensorOptions().dtype(at::kInt));
+  Tensor sel = at::full({B, Hkv, width}, -1, at::TensorOptions().dtype(at::kInt));
   int32_t* sp = sel.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t j = 0; j < ip[b + 1] - ip[b]; ++j) sp[(b * Hkv + h) * budget + j] = (int32_t)j;
+      for (int64_t j = 0; j < ip[b + 1] - ip[b]; ++j) sp[(b * Hkv + h) * width + j] = (int32_t)j;
   selected = sel.to(q.device());
   return true;
 }
@@ -224,7 +235,9 @@ SparseParams sparse_params(const Tensor& q, const Tensor& k_cache, const Tensor&
   s.sink = sink;
   s.local = local;
   s.top_k = top_k;
-  s.budget = si.budget;
+  // the kernels use `budget` as the row stride of selected and in "np <= budget: keep every page";
+  // the row width serves both, since np <= nnz makes np <= width and np <= sink + local + top_k agree
+  s.budget = si.width;
   return s;
 }
 
@@ -236,10 +249,10 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
   const SparseInputs si = validate_sparse(q, k_cache, v_cache, summaries, kv_indptr, kv_indices, kv_last_page_len,
                                           top_k_pages, sink_pages, local_pages, scale);
   const int64_t B = si.in.ci.B, Hq = si.in.Hq, Hkv = si.in.ci.Hkv, D = si.in.ci.D, group = Hq / Hkv;
-  const int64_t budget = si.budget;
+  const int64_t width = si.width;  // row width of selected; "np <= width" means "np <= budget" (SparseInputs)
   Tensor out = at::empty({B, Hq, D}, q.options());
   Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
-  Tensor selected = at::full({B, Hkv, budget}, -1, q.options().dtype(at::kInt));
+  Tensor selected = at::full({B, Hkv, width}, -1, q.options().dtype(at::kInt));
   if (B == 0) return {out, lse, selected};
   if (dense_if_all_kept(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, si, scale, out, lse, selected))
     return {out, lse, selected};
@@ -254,7 +267,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
   int32_t* sel = selected.data_ptr<int32_t>();
   float* lse_p = lse.data_ptr<float>();
   int64_t max_kept = 0;
-  for (int64_t b = 0; b < B; ++b) max_kept = std::max<int64_t>(max_kept, std::min<int64_t>(ip[b + 1] - ip[b], budget));
+  for (int64_t b = 0; b < B; ++b) max_kept = std::max<int64_t>(max_kept, std::min<int64_t>(ip[b + 1] - ip[b], width));
   const int64_t threads = at::get_num_threads();
   int64_t n_split = 1;
   if (B * Hkv < 2 * threads)
@@ -272,11 +285,11 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t np = ip[b + 1] - ip[b];
           float* sc = scores.data() + ip[b] * Hkv;
-          if (np > budget) K->score(s, b, 0, Hkv, 0, np, sc);
+          if (np > width) K->score(s, b, 0, Hkv, 0, np, sc);
           for (int64_t h = 0; h < Hkv; ++h) {
             const int64_t i = b * Hkv + h;
-            const int64_t n = select_pages(sc, np, Hkv, h, sink_pages, local_pages, top_k_pages, sel + i * budget, cand);
-            K->attend(s, b, h, sel + i * budget, n, o.data(), l.data());
+            const int64_t n = select_pages(sc, np, Hkv, h, sink_pages, local_pages, top_k_pages, sel + i * width, cand);
+            K->attend(s, b, h, sel + i * width, n, o.data(), l.data());
             const int64_t row = b * Hq + h * group;
             for (int64_t x = 0; x < group * D; ++x) store_float(out_p + row * D + x, o[x]);
             for (int64_t g = 0; g < group; ++g) lse_p[row + g] = l[g];
@@ -292,7 +305,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
   std::vector<ScoreItem> sitems;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t np = ip[b + 1] - ip[b];
-    if (np <= budget) continue;
+    if (np <= width) continue;
     for (int64_t j0 = 0; j0 < np; j0 += kScorePages) sitems.push_back({b, j0, std::min(np, j0 + kScorePages)});
   }
   at::parallel_for(0, (int64_t)sitems.size(), 1, [&](int64_t i0, int64_t i1) {
@@ -309,7 +322,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, np = ip[b + 1] - ip[b];
       n_kept[i] = select_pages(scores.data() + ip[b] * Hkv, np, Hkv, h, sink_pages, local_pages, top_k_pages,
-                               sel + i * budget, cand);
+                               sel + i * width, cand);
     }
   });
 
@@ -324,7 +337,7 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cpu(const Tensor& q, c
       const int64_t n = n_kept[bh], per = (n + n_split - 1) / n_split;
       const int64_t k0 = std::min(n, sp * per), k1 = std::min(n, (sp + 1) * per);
       const int64_t row = b * Hq + h * group;
-      K->attend(s, b, h, sel + bh * budget + k0, k1 - k0, pp + (sp * B * Hq + row) * D, pl + sp * B * Hq + row);
+      K->attend(s, b, h, sel + bh * width + k0, k1 - k0, pp + (sp * B * Hq + row) * D, pl + sp * B * Hq + row);
     }
   });
   TT_DISPATCH_FLOAT(s.p.dtype, OT, {
@@ -463,10 +476,11 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cuda_impl(
   const SparseInputs si = validate_sparse(q, k_cache, v_cache, summaries, kv_indptr, kv_indices, kv_last_page_len,
                                           top_k_pages, sink_pages, local_pages, scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  const int64_t B = si.in.ci.B, Hq = si.in.Hq, Hkv = si.in.ci.Hkv, D = si.in.ci.D, budget = si.budget;
+  const int64_t B = si.in.ci.B, Hq = si.in.Hq, Hkv = si.in.ci.Hkv, D = si.in.ci.D;
+  const int64_t width = si.width;  // row width of selected; "np <= width" means "np <= budget" (SparseInputs)
   Tensor out = at::empty({B, Hq, D}, q.options());
   Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
-  Tensor selected = at::full({B, Hkv, budget}, -1, q.options().dtype(at::kInt));
+  Tensor selected = at::full({B, Hkv, width}, -1, q.options().dtype(at::kInt));
   if (B == 0) return {out, lse, selected};
   if (dense_if_all_kept(q, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len, si, scale, out, lse, selected))
     return {out, lse, selected};
@@ -480,8 +494,8 @@ std::tuple<Tensor, Tensor, Tensor> sparse_paged_attention_cuda_impl(
   int64_t max_kept = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t np = ip[b + 1] - ip[b];
-    max_kept = std::max(max_kept, std::min(np, budget));
-    if (np <= budget) continue;
+    max_kept = std::max(max_kept, std::min(np, width));
+    if (np <= width) continue;
     for (int64_t j0 = 0; j0 < np; j0 += kScorePages)
       items.insert(items.end(), {(int32_t)b, (int32_t)j0, (int32_t)std::min(np, j0 + kScorePages)});
   }

@@ -18,8 +18,8 @@
 // the top_k of the pages in between by (score descending, then page index ascending) — a total
 // order, so the set is unique given the scores. The output is exact attention of the group's
 // query heads over the keys of the kept pages (the last page holding kv_last_page_len tokens).
-// selected [B, Hkv, budget] int32 lists the kept logical page indices in ascending order, padded
-// with -1.
+// selected [B, Hkv, min(budget, nnz)] int32 (nnz = kv_indices.size(0), more than any sequence's
+// page count) lists the kept logical page indices in ascending order, padded with -1.
 //
 // CPU schedule (sparse_paged_attention.cpp). When the (b, h) pairs fill the threads, one parallel
 // region of items (b, h), each fully fused: score the sequence's pages for head h, select, attend,
@@ -105,6 +105,7 @@ struct SparseParams {
   paged::PagedParams p;  // q [B, Hq, D], caches, page table (qo_indptr unused: decode)
   const void* summaries = nullptr;
   int64_t s_stride_page = 0, s_stride_kind = 0, s_stride_head = 0;
+  // budget: the row width of selected, min(sink + local + top_k, nnz) (sparse_paged_attention.cpp)
   int64_t sink = 1, local = 1, top_k = 0, budget = 2;
 };
 

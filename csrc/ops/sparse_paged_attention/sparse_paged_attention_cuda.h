@@ -26,7 +26,7 @@ struct SparseCudaWork {
   const ScoreItem* items = nullptr;  // [n_items]
   int n_items = 0;
   float* scores = nullptr;           // [nnz * Hkv]: scores[(kv_indptr[b] + j) * Hkv + h]
-  int32_t* selected = nullptr;       // [B, Hkv, budget]
+  int32_t* selected = nullptr;       // [B, Hkv, SparseParams::budget = min(sink + local + top_k, nnz)]
   int n_split = 1;                   // splits of each (b, h)'s kept pages (grid.y)
   float* part_out = nullptr;         // [n_split][B * Hq][D]
   float* part_lse = nullptr;         // [n_split][B * Hq]

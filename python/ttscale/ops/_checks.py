@@ -6,6 +6,11 @@ never runs: without this, an in-place op silently did nothing and a functional o
 uninitialised memory on the other tensors' device. Every fake kernel therefore checks devices the way
 its op does.
 
+``no_internal_overlap``: the stride rule the ops apply to tensors they write in place
+(``strides_nest`` in ``csrc/common/checks.h``), so a fake kernel refuses an ``expand()``ed cache as
+the op does. It needs only shapes and strides; whether two tensors share memory needs addresses,
+which fake tensors do not have, so that check stays in the op.
+
 ``as_index``: integer arguments (bit widths, budgets, top-k, token ids) must be integers, not floats
 or bools that compare equal to one: ``4.0 in (2, 3, 4, 8)`` is True and ``int(1.5)`` is 1, so
 either would otherwise slip through silently.
@@ -34,3 +39,24 @@ def as_index(v) -> Optional[int]:
         return operator.index(v)
     except TypeError:
         return None
+
+
+def no_internal_overlap(name: str, t: Optional[torch.Tensor]) -> None:
+    """RuntimeError (the op's wording) when ``t`` is written in place but its layout lets several
+    elements share memory: sorted by stride, each dimension of size > 1 must step over everything
+    the smaller-stride dimensions span. Symbolic shapes are left to the op (no guards added)."""
+    if t is None:
+        return
+    sizes, strides = tuple(t.shape), tuple(t.stride())
+    if not all(type(x) is int for x in sizes + strides):
+        return
+    if 0 in sizes:
+        return
+    span = 0
+    for st, sz in sorted((abs(st), sz) for sz, st in zip(sizes, strides) if sz > 1):
+        if st <= span:
+            raise RuntimeError(f"ttscale: {name} is written in place, so each of its elements needs its own memory, "
+                               f"but its layout (shape {list(sizes)}, strides {list(strides)}) lets several elements "
+                               "share memory (an expand()ed, stride-0 or otherwise self-overlapping view); pass a "
+                               "tensor that owns its memory")
+        span += st * (sz - 1)

@@ -22,7 +22,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import same_device
+from ._checks import no_internal_overlap, same_device
 
 __all__ = ["paged_attention", "merge_attention_states", "merge_attention_states_", "append_paged_kv", "copy_pages"]
 
@@ -85,7 +85,8 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
 def merge_attention_states_(out: torch.Tensor, lse: torch.Tensor, out_other: torch.Tensor,
                             lse_other: torch.Tensor) -> None:
     """In-place :func:`merge_attention_states`: ``(out, lse) <- merge((out, lse), (out_other, lse_other))``.
-    ``out`` and ``lse`` must be contiguous."""
+    ``out`` and ``lse`` must be contiguous and share no memory with each other or with ``out_other`` /
+    ``lse_other`` (RuntimeError otherwise)."""
     torch.ops.ttscale.merge_attention_states_(out, lse, out_other, lse_other)
 
 
@@ -117,6 +118,12 @@ def append_paged_kv(
     Positions are validated against the page table (ValueError naming the bad entry); duplicate
     destinations are allowed and the later token wins on CPU (unspecified order on CUDA).
 
+    Memory: ``k_cache``, ``v_cache`` and ``summaries`` are written in place, so each must give every
+    element its own memory (no ``expand()``ed / stride-0 / self-overlapping view; a strided view
+    such as ``kv[:, 0]`` and ``kv[:, 1]`` of one ``[P, 2, page, H, D]`` buffer is fine), none may
+    share memory with another, and ``k``/``v`` must not share memory with the caches (``clone()``
+    them); RuntimeError otherwise.
+
     ``summaries`` (optional, ``[num_pages, 3, Hkv, D]`` from :func:`ttscale.ops.new_page_summaries`):
     every page written to is re-summarised, in place, over the tokens the page table gives it (a
     partly filled last page only over its written tokens), so sparse decode sees current summaries.
@@ -130,7 +137,8 @@ def copy_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, src: torch.Tensor, 
     """Copy whole pages ``src[i] -> dst[i]`` in both caches, in place (copy-on-write when a branch
     forks mid-page). ``src, dst [P]`` int32/int64; destinations must be distinct and must not be sources.
     With ``summaries`` (page key summaries, :func:`ttscale.ops.new_page_summaries`) the copied pages'
-    summaries are copied too; later appends to the copy re-summarise it (``append_paged_kv``)."""
+    summaries are copied too; later appends to the copy re-summarise it (``append_paged_kv``). The
+    caches and ``summaries`` follow :func:`append_paged_kv`'s memory rules (RuntimeError otherwise)."""
     torch.ops.ttscale.copy_pages(k_cache, v_cache, src, dst, summaries)
 
 
@@ -153,6 +161,8 @@ def _merge_fake(out_a, lse_a, out_b, lse_b):
 @torch.library.register_fake("ttscale::merge_attention_states_")
 def _merge_inplace_fake(out, lse, out_other, lse_other):
     same_device("out", out, lse=lse, out_other=out_other, lse_other=lse_other)
+    for name, t in (("out", out), ("lse", lse)):
+        no_internal_overlap(name, t)
     return None
 
 
@@ -162,10 +172,14 @@ def _append_fake(k, v, k_cache, v_cache, kv_indptr, kv_indices, kv_last_page_len
     same_device("k_cache", k_cache, k=k, v=v, v_cache=v_cache, kv_indptr=kv_indptr, kv_indices=kv_indices,
                  kv_last_page_len=kv_last_page_len, batch_indices=batch_indices, positions=positions,
                  append_indptr=append_indptr, summaries=summaries)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("summaries", summaries)):
+        no_internal_overlap(name, t)
     return None
 
 
 @torch.library.register_fake("ttscale::copy_pages")
 def _copy_pages_fake(k_cache, v_cache, src, dst, summaries=None):
     same_device("k_cache", k_cache, v_cache=v_cache, src=src, dst=dst, summaries=summaries)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("summaries", summaries)):
+        no_internal_overlap(name, t)
     return None

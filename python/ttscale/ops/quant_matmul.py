@@ -24,7 +24,9 @@ run them): a GEMV for ``M <= 8`` and fp32 activations, an mma.sync (m16n8k16) GE
 activations with ``M > 8`` that multiplies exact ``q - z`` in the activation dtype and applies
 the scale per group in fp32.
 
-Input permutation (act-order checkpoints). A ``QuantizedWeight`` may carry ``perm`` (int64 ``[K]``):
+Input permutation (act-order checkpoints). A ``QuantizedWeight`` may carry ``perm`` (int64 ``[K]``, a
+permutation of ``0..K-1``: anything else is refused with a ValueError when the weight is built, and
+again by ``quant_matmul`` / ``dequantize`` if ``perm`` was replaced or changed in place since):
 its codes, scales and zeros then describe the column-permuted weight ``Wp[:, j] = W[:, perm[j]]``
 (groups of ``G`` consecutive columns of ``Wp``), ``unpack`` returns the codes of ``Wp``,
 ``quant_matmul`` computes ``x[..., perm] @ Wp^T`` (= ``x @ W^T``) and ``dequantize`` returns ``W`` in
@@ -52,6 +54,7 @@ import dataclasses
 from typing import Optional, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._checks import as_index, same_device
 
@@ -88,6 +91,12 @@ class QuantizedWeight:
     layout: str = CPU_LAYOUT
     perm: Optional[torch.Tensor] = None
 
+    def __post_init__(self) -> None:
+        # every way of building one (the constructor, from_gptq, dataclasses.replace, repack, .to,
+        # QuantLinear.qweight) comes through here, so a bad perm is refused where it is made
+        if self.perm is not None:
+            _check_perm(self.perm, self.shape[1])
+
     @property
     def group(self) -> int:
         """The effective group size (``K`` when ``group_size == -1``)."""
@@ -118,6 +127,55 @@ class QuantizedWeight:
         if self.perm is not None:
             n += self.perm.numel() * self.perm.element_size()
         return n
+
+
+# perm tensors whose values were found to be a permutation -> (K, the tensor's version counter then).
+# Why a once-per-tensor record rather than a check in every call or a flag on the QuantizedWeight:
+# checking the values costs a pass over K entries and, on CUDA, a device sync, which quant_matmul
+# must not pay per call (QuantLinear.forward builds a fresh QuantizedWeight around the same perm
+# buffer every call, so a per-object flag would re-check every call too). Keyed by the tensor
+# itself, the record survives those rebuilds; the version counter catches in-place changes
+# (perm.zero_(), load_state_dict copying into the buffer) and a reassigned perm is a new key, so
+# quant_matmul never uses values that were not checked. Weak keys: freed tensors drop out.
+_CHECKED_PERMS = WeakIdKeyDictionary()
+
+
+def _check_perm(perm, k: int) -> None:
+    """ValueError unless ``perm`` is an int64 ``[K]`` permutation of ``0..K-1``. Values are checked once
+    per tensor and version (``_CHECKED_PERMS``). While tracing (``torch.compile``, fake or meta
+    tensors) only dtype and shape are checked: values are data, and the weight the compiled code
+    uses was checked when it was built in eager code."""
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.dim() != 1 or perm.shape[0] != k:
+        got = f"{perm.dtype} {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else type(perm).__name__
+        raise ValueError(f"ttscale: qw.perm must be int64 [K] = [{k}] (a permutation of 0..K-1), got {got}")
+    if torch.compiler.is_compiling() or perm.device.type == "meta" or _is_fake(perm):
+        return
+    try:
+        version = perm._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: checked once by identity
+        version = None
+    if _CHECKED_PERMS.get(perm) == (k, version):
+        return
+    out = (perm < 0) | (perm >= k)
+    if bool(out.any()):
+        i = int(out.nonzero()[0, 0])
+        raise ValueError(f"ttscale: qw.perm must be a permutation of 0..K-1 (K = {k}), but qw.perm[{i}] = "
+                         f"{int(perm[i])} is out of range")
+    counts = torch.bincount(perm, minlength=k)
+    if bool((counts != 1).any()):
+        dup = int((counts > 1).nonzero()[0, 0])
+        missing = int((counts == 0).nonzero()[0, 0])
+        raise ValueError(f"ttscale: qw.perm must be a permutation of 0..K-1 (K = {k}, each index exactly once), but "
+                         f"{dup} appears {int(counts[dup])} times and {missing} is missing")
+    _CHECKED_PERMS[perm] = (k, version)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - internal module moved
+        return False
+    return is_fake(t)
 
 
 def _format_int(v, name: str, allowed) -> int:
@@ -249,6 +307,7 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     z = qw.zeros.to(torch.float32) if qw.zeros is not None else torch.full_like(qw.scales, 1 << (qw.bits - 1), dtype=torch.float32)
     w = ((q - z.unsqueeze(-1)) * qw.scales.to(torch.float32).unsqueeze(-1)).reshape(n, k)
     if qw.perm is not None:
+        _check_perm(qw.perm, k)  # a no-op unless perm was replaced or changed since it was checked
         w = torch.empty_like(w).index_copy_(1, qw.perm, w)  # column perm[j] of W is column j of Wp
     return w
 
@@ -274,8 +333,7 @@ def quant_matmul(x: torch.Tensor, qw: QuantizedWeight, *, bias: Optional[torch.T
         raise ValueError(f"ttscale: qw.scales has shape {tuple(qw.scales.shape)}, but qw.shape = {tuple(qw.shape)} "
                          f"with group_size {qw.group_size} needs [N, K/G] = [{n}, {k // qw.group}]")
     if qw.perm is not None:
-        if tuple(qw.perm.shape) != (k,) or qw.perm.dtype != torch.int64:
-            raise ValueError(f"ttscale: qw.perm must be int64 [K] = [{k}], got {qw.perm.dtype} {tuple(qw.perm.shape)}")
+        _check_perm(qw.perm, k)  # a no-op unless perm was replaced or changed since it was checked
         if x.shape[-1] != qw.shape[1]:
             raise RuntimeError(f"ttscale: x last dimension must equal the weight's in_features K = {qw.shape[1]}, "
                                f"got shape {tuple(x.shape)}")

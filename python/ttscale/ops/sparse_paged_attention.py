@@ -28,8 +28,13 @@ last ``local_pages`` and the ``top_k_pages`` best of the others (score descendin
 page index) are kept, and attention over their keys is exact.
 
 Selected pages are **logical** page indices (positions in the sequence's page list, i.e. physical page
-``kv_indices[kv_indptr[b] + j]``), as ``selected [B, Hkv, budget]`` int32, ascending, padded with -1,
-``budget = sink_pages + local_pages + top_k_pages``. :func:`attention_mass` takes the same format.
+``kv_indices[kv_indptr[b] + j]``), as ``selected [B, Hkv, W]`` int32, ascending, padded with -1, where
+``W = min(budget, len(kv_indices))`` and ``budget = sink_pages + local_pages + top_k_pages``: the
+budget whenever the page table holds at least that many pages (every real sparse call), otherwise
+the page table's size, which no sequence can exceed. So a budget far above the cache
+(``top_k_pages=2**30`` to keep everything) allocates nothing by the budget, and ``W`` depends on
+shapes only (``torch.compile`` knows it without reading the page table). :func:`attention_mass`
+takes the same format.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from ._checks import as_index, same_device
+from ._checks import as_index, no_internal_overlap, same_device
 
 __all__ = ["new_page_summaries", "update_page_summaries", "sparse_paged_attention", "attention_mass"]
 
@@ -58,7 +63,9 @@ def new_page_summaries(k_cache: torch.Tensor, page_lens: Optional[torch.Tensor] 
 def update_page_summaries(k_cache: torch.Tensor, summaries: torch.Tensor, pages: torch.Tensor,
                           page_lens: Optional[torch.Tensor] = None) -> None:
     """Recompute, in place, the summaries of ``pages [n]`` (distinct page ids) over their first
-    ``page_lens [n]`` tokens (default: every slot)."""
+    ``page_lens [n]`` tokens (default: every slot). ``summaries`` is written in place: it must give
+    every element its own memory (not an ``expand()``ed view) and share none with ``k_cache``
+    (RuntimeError otherwise)."""
     torch.ops.ttscale.update_page_summaries(k_cache, summaries, pages, page_lens)
 
 
@@ -85,11 +92,11 @@ def sparse_paged_attention(
         k_cache, v_cache: ``[num_pages, page_size, Hkv, D]``.
         summaries: ``[num_pages, 3, Hkv, D]`` from :func:`new_page_summaries` (cache dtype).
         kv_indptr, kv_indices, kv_last_page_len: the CSR page table (int32).
-        top_k_pages, sink_pages, local_pages: the budget (each >= 0).
+        top_k_pages, sink_pages, local_pages: the budget (each >= 0, their sum <= 2^30).
         scale: logit scale, default ``1/sqrt(D)``.
         return_lse: also return the float32 LSE ``[B, Hq]`` over the kept keys.
-        return_selected: also return ``selected [B, Hkv, budget]`` int32 (logical page indices,
-            ascending, -1 padded).
+        return_selected: also return ``selected [B, Hkv, min(budget, len(kv_indices))]`` int32
+            (logical page indices, ascending, -1 padded; module docstring).
 
     Returns:
         ``out [B, Hq, D]`` (q's dtype), then ``lse`` and/or ``selected`` when asked for.
@@ -101,8 +108,13 @@ def sparse_paged_attention(
         i = as_index(v)  # int(1.5) would silently be 1
         if i is None:
             raise TypeError(f"ttscale: {name} must be an int, got {v!r}")
-        if not -(2**63) <= i < 2**63:
-            raise ValueError(f"ttscale: {name} must be <= 2^30, got {v}")
+        # values outside int64 cannot reach the op (the schema's int); refuse them with the op's own
+        # rules (>= 0, sum <= 2^30) rather than the binding's overflow error
+        if i < 0:
+            raise ValueError(f"ttscale: {name} must be >= 0, got {v}")
+        if i >= 2**63:
+            raise ValueError(f"ttscale: top_k_pages + sink_pages + local_pages must be <= 2^30 (each term and "
+                             f"their sum), got {name} = {v}")
         budget[name] = i
     out, lse, sel = torch.ops.ttscale.sparse_paged_attention(q, k_cache, v_cache, summaries, kv_indptr, kv_indices,
                                                              kv_last_page_len, budget["top_k_pages"],
@@ -136,6 +148,7 @@ def _new_page_summaries_fake(k_cache, page_lens=None):
 @torch.library.register_fake("ttscale::update_page_summaries")
 def _update_page_summaries_fake(k_cache, summaries, pages, page_lens=None):
     same_device("k_cache", k_cache, summaries=summaries, pages=pages, page_lens=page_lens)
+    no_internal_overlap("summaries", summaries)
     return None
 
 
@@ -146,10 +159,14 @@ def _sparse_paged_attention_fake(q, k_cache, v_cache, summaries, kv_indptr, kv_i
                 kv_indices=kv_indices, kv_last_page_len=kv_last_page_len)  # see _checks.py
     if top_k_pages < 0 or sink_pages < 0 or local_pages < 0:
         raise ValueError("ttscale: top_k_pages, sink_pages and local_pages must be >= 0")
-    budget = top_k_pages + sink_pages + local_pages
+    if max(top_k_pages, sink_pages, local_pages) > 2**30 or top_k_pages + sink_pages + local_pages > 2**30:
+        raise ValueError(f"ttscale: top_k_pages + sink_pages + local_pages must be <= 2^30 (each term and their sum), "
+                         f"got {top_k_pages} + {sink_pages} + {local_pages}")
+    # the op's row width: min(budget, nnz), from shapes only (module docstring)
+    width = torch.sym_min(top_k_pages + sink_pages + local_pages, kv_indices.shape[0])
     B, Hq, D = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, Hq), dtype=torch.float32),
-            q.new_empty((B, k_cache.shape[2], budget), dtype=torch.int32))
+            q.new_empty((B, k_cache.shape[2], width), dtype=torch.int32))
 
 
 @torch.library.register_fake("ttscale::attention_mass")
