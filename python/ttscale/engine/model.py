@@ -36,7 +36,8 @@ from torch import nn
 
 from .. import ops
 
-__all__ = ["ModelConfig", "Transformer", "SUPPORTED_HEAD_DIMS", "rope_inv_freq"]
+__all__ = ["ModelConfig", "Transformer", "SUPPORTED_HEAD_DIMS", "rope_inv_freq", "check_rope",
+           "check_positive_int"]
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -67,23 +68,36 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
 
     def __post_init__(self) -> None:
+        # Sizes first: the checks below divide by them.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            check_positive_int(name, getattr(self, name))
+        if self.num_labels is not None:
+            check_positive_int("num_labels", self.num_labels)
         if self.head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"ttscale.engine: head_dim {self.head_dim} is not supported; ttscale attention "
                              f"supports head_dim in {SUPPORTED_HEAD_DIMS}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(f"ttscale.engine: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_key_value_heads})")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "max_position_embeddings"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"ttscale.engine: config {name} must be a positive int, got {v!r}")
-        rope_type = self.rope_type
-        if rope_type not in ROPE_TYPES:
-            raise ValueError(f"ttscale.engine: rope scaling type {rope_type!r} is not supported (supported: "
-                             f"{', '.join(ROPE_TYPES)})")
-        if self.rope_scaling and float(self.rope_scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise ValueError("ttscale.engine: partial_rotary_factor != 1 is not supported")
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ttscale.engine: config {name} must be true or false, got {getattr(self, name)!r}")
+        eps = _finite(self.rms_norm_eps)
+        if eps is None or eps <= 0:
+            raise ValueError(f"ttscale.engine: config rms_norm_eps must be a finite number > 0, got "
+                             f"{self.rms_norm_eps!r}")
+        check_rope(self.rope_theta, self.rope_scaling)
+        self.rms_norm_eps, self.rope_theta = eps, float(self.rope_theta)
+        # Token ids end up as stop conditions and BOS prefixes: a string or float here would only
+        # fail (or silently never match) at generation time.
+        if self.bos_token_id is not None and not _is_token_id(self.bos_token_id):
+            raise ValueError(f"ttscale.engine: config bos_token_id must be a non-negative int or null, got "
+                             f"{self.bos_token_id!r}")
+        e = self.eos_token_id
+        if e is not None and not (_is_token_id(e) or (isinstance(e, (list, tuple)) and all(map(_is_token_id, e)))):
+            raise ValueError(f"ttscale.engine: config eos_token_id must be a non-negative int, a list of them or "
+                             f"null, got {e!r}")
 
     @property
     def rope_type(self) -> str:
@@ -105,6 +119,88 @@ class ModelConfig:
     @property
     def out_dim(self) -> int:
         return self.num_labels if self.is_classifier else self.vocab_size
+
+
+def check_positive_int(name: str, v) -> None:
+    """A config size must be a positive int: a bool is an int to Python and ``128.0 == 128``, but either
+    in a config is a typo or a converter bug, and ``int()`` of a float would hide ``1e5`` vs ``10**5``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"ttscale.engine: config {name} must be a positive int, got {v!r}")
+
+
+def _is_token_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _finite(v) -> Optional[float]:
+    """``v`` as a float when it is a finite real number (not a bool, not a string), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# The numeric fields each RoPE scaling type reads (rope_inv_freq), whether it needs them, and the lower
+# bound they must exceed (">0") or reach (">=0"). Out-of-range values do not fail later: they give a
+# finite but meaningless rotation (factor 0 -> inf / NaN frequencies, a negative factor -> reversed
+# rotation, beta 0 -> a division by zero in yarn), so they are refused here.
+_ROPE_FIELDS = {
+    "default": {},
+    "linear": {"factor": (True, ">0")},
+    "dynamic": {"factor": (True, ">0")},
+    "llama3": {"factor": (True, ">0"), "low_freq_factor": (True, ">0"), "high_freq_factor": (True, ">0"),
+               "original_max_position_embeddings": (True, "int")},
+    # mscale / mscale_all_dim 0 is HF's "not given" (``if mscale and mscale_all_dim``), hence >= 0.
+    "yarn": {"factor": (False, ">0"), "original_max_position_embeddings": (False, "int"),
+             "attention_factor": (False, ">0"), "beta_fast": (False, ">0"), "beta_slow": (False, ">0"),
+             "mscale": (False, ">=0"), "mscale_all_dim": (False, ">=0")},
+}
+
+
+def check_rope(theta, scaling: Optional[dict], key: str = "rope_scaling", theta_key: str = "rope_theta") -> None:
+    """ValueError naming the config key when ``rope_theta`` or a field of the scaling dict is out of range.
+
+    ``key`` / ``theta_key`` are the names the config used (``rope_parameters`` in transformers >= 5,
+    ``rope_scaling`` / ``rope_theta`` before), so the message points at what the user wrote.
+    ``rope_theta`` must exceed 1: at 1 every dimension rotates at the same rate and yarn divides by
+    log(theta); below 1 the frequencies grow with the dimension, which no trained model uses."""
+    t = _finite(theta)
+    if t is None or t <= 1:
+        raise ValueError(f"ttscale.engine: config {theta_key} must be a finite number > 1, got {theta!r}")
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise ValueError(f"ttscale.engine: config {key} must be an object or null, got {scaling!r}")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+        raise ValueError(f"ttscale.engine: config {key}['rope_type'] {rope_type!r} is not supported (supported: "
+                         f"{', '.join(ROPE_TYPES)})")
+    prf = scaling.get("partial_rotary_factor", 1.0)
+    if prf is not None and _finite(prf) != 1.0:
+        raise ValueError(f"ttscale.engine: config {key}['partial_rotary_factor'] = {prf!r}: only 1 (rotate the "
+                         f"whole head) is supported")
+    for field, (required, rule) in _ROPE_FIELDS[rope_type].items():
+        v = scaling.get(field)
+        if v is None:
+            if required:
+                raise ValueError(f"ttscale.engine: config {key}[{field!r}] is missing; rope_type {rope_type!r} "
+                                 f"needs {', '.join(f for f, (r, _) in _ROPE_FIELDS[rope_type].items() if r)}")
+            continue
+        if rule == "int":
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ttscale.engine: config {key}[{field!r}] must be a positive int, got {v!r}")
+            continue
+        f = _finite(v)
+        if f is None or (f <= 0 if rule == ">0" else f < 0):
+            bound = "> 0" if rule == ">0" else ">= 0"
+            raise ValueError(f"ttscale.engine: config {key}[{field!r}] must be a finite number {bound}, got {v!r}")
+    if rope_type == "llama3" and float(scaling["high_freq_factor"]) <= float(scaling["low_freq_factor"]):
+        # rope_inv_freq blends over (high - low): equal factors divide by zero, reversed ones invert the band.
+        raise ValueError(f"ttscale.engine: config {key}['high_freq_factor'] ({scaling['high_freq_factor']!r}) must "
+                         f"be greater than low_freq_factor ({scaling['low_freq_factor']!r})")
+    if rope_type == "yarn" and not isinstance(scaling.get("truncate", True), bool):
+        raise ValueError(f"ttscale.engine: config {key}['truncate'] must be true or false, got "
+                         f"{scaling['truncate']!r}")
 
 
 def rope_inv_freq(cfg: ModelConfig):

@@ -19,6 +19,8 @@ import json
 import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from ._jsonfile import read_json_object
+
 __all__ = ["CharTokenizer", "TOKENIZER_FILE"]
 
 TOKENIZER_FILE = "ttscale_tokenizer.json"
@@ -28,6 +30,14 @@ class CharTokenizer:
     def __init__(self, vocab: Sequence[str], *, pad_token: str = "<pad>", bos_token: str = "<bos>",
                  eos_token: str = "<eos>") -> None:
         vocab = list(vocab)
+        # Types first: set() of an unhashable entry, len() of an int and `in` with a list token would
+        # otherwise fail as TypeErrors that do not say which entry is wrong.
+        for i, t in enumerate(vocab):
+            if not isinstance(t, str):
+                raise ValueError(f"CharTokenizer: vocab[{i}] must be a string, got {t!r}")
+        for name, t in (("pad_token", pad_token), ("bos_token", bos_token), ("eos_token", eos_token)):
+            if t is not None and not isinstance(t, str):
+                raise ValueError(f"CharTokenizer: {name} must be a string or null, got {t!r}")
         if len(set(vocab)) != len(vocab):
             raise ValueError("CharTokenizer: vocab has duplicate entries")
         self.vocab: List[str] = vocab
@@ -97,11 +107,13 @@ class CharTokenizer:
         if os.path.isdir(path):
             path = os.path.join(path, TOKENIZER_FILE)
         try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"CharTokenizer.load: cannot read {path}: {e}") from None
-        if d.get("type") != "char" or not isinstance(d.get("vocab"), list):
-            raise ValueError(f"CharTokenizer.load: {path} is not a ttscale char tokenizer (type/vocab missing)")
-        return cls(d["vocab"], pad_token=d.get("pad_token"), bos_token=d.get("bos_token"),
-                   eos_token=d.get("eos_token"))
+            d = read_json_object(path)
+            if d.get("type") != "char" or not isinstance(d.get("vocab"), list):
+                raise ValueError(f"{path}: not a ttscale char tokenizer (type/vocab missing)")
+            try:
+                return cls(d["vocab"], pad_token=d.get("pad_token"), bos_token=d.get("bos_token"),
+                           eos_token=d.get("eos_token"))
+            except ValueError as e:
+                raise ValueError(f"{path}: {str(e).removeprefix('CharTokenizer: ')}") from None
+        except ValueError as e:  # every message starts with the file's path
+            raise ValueError(f"CharTokenizer.load: {e}") from None
