@@ -20,7 +20,10 @@ Semantics: logits ``s = scale * q . k`` (``scale`` defaults to ``1/sqrt(D)``), t
 sees keys ``j <= pos``; with ``window_left >= 0`` only keys ``j >= pos - window_left``. The output
 is ``softmax(s) @ v`` over the visible keys, in q's dtype, shaped like q. With ``return_lse`` the
 natural-log log-sum-exp of the visible logits is returned too, float32, shaped like q without D
-(``[B, Sq, Hq]`` or ``[Tq, Hq]``). A query with no visible key gets output 0 and LSE ``-inf``.
+(``[B, Sq, Hq]`` or ``[Tq, Hq]``). A query with no visible key gets output 0 and LSE ``-inf``. Non-finite values:
+a key a query cannot see never touches its output or LSE, whatever K/V hold there; a NaN or +inf
+visible logit makes the row's output and LSE NaN (as torch's SDPA); see README "Attention and
+non-finite values".
 """
 from __future__ import annotations
 

@@ -13,7 +13,10 @@ reads KV head ``h // (Hq // Hkv)``. Query ``i`` of the ``n`` queries of a sequen
 ``i + kv_len - n`` (causal masks aligned bottom-right, like FlashAttention >= 2.1 and FlashInfer).
 
 LSE is the natural-log softmax normaliser, float32 ``[T, Hq]``. A query that sees no key (empty
-sequence, or fully masked) gets output 0 and LSE ``-inf``; merging with such a state is exact.
+sequence, or fully masked) gets output 0 and LSE ``-inf``; merging with such a state is exact. Non-finite values:
+a key a query cannot see never touches its output or LSE, whatever K/V hold there; a NaN or +inf
+visible logit makes the row's output and LSE NaN (as torch's SDPA); see README "Attention and
+non-finite values".
 """
 from __future__ import annotations
 
