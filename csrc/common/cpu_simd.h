@@ -183,6 +183,20 @@ inline float hsum(VF a) { float r = 0; for (int i = 0; i < W; ++i) r += a.v[i]; 
 inline VF exp(VF x) { for (int i = 0; i < W; ++i) x.v[i] = exp_scalar(x.v[i]); return x; }
 #endif
 
+// Whether D elements (a multiple of W; fp32 / fp16 / bf16) hold a NaN or an infinity: bad() finds
+// NaN and +inf, bad(-x) adds -inf. Used by the attention kernels to find value rows that a masked
+// weight of 0 must not multiply.
+template <typename T>
+inline bool row_nonfinite(const T* p, int64_t D) {
+  const VF zero = set1(0.0f);
+  VM b = cmp_gt(zero, zero);  // all false
+  for (int64_t d = 0; d < D; d += W) {
+    const VF x = load(p + d);
+    b = mask_or(b, mask_or(bad(x), bad(sub(zero, x))));
+  }
+  return bits(b) != 0;
+}
+
 #if defined(TTSCALE_CPU_ISA_AVX512)
 // 16 x 16 fp32 transpose in registers: r[i][j] -> r[j][i]. unpacklo/hi pair rows, shuffle_ps
 // makes 4 x 4 blocks inside each 128-bit lane (u[4a+b] = rows 4a..4a+3 of columns b, b+4, b+8,

@@ -263,14 +263,8 @@ void run_unit_t(const AttnParams& p, int64_t b, int64_t hk, int64_t r0, int64_t 
     // to the rows that see the key only (attention_math.h's contract). Clean blocks skip it.
     int n_bad = 0;
     if (need_mask)
-      for (int j = 0; j < n; ++j) {
-        VM b = cmp_gt(zero, zero);  // bad(): NaN or +inf; bad(-x) adds -inf
-        for (int64_t d = 0; d < D; d += W) {
-          const VF x = load(Vb + j * ldkv + d);
-          b = mask_or(b, mask_or(bad(x), bad(sub(zero, x))));
-        }
-        if (bits(b)) bad_keys[n_bad++] = j;
-      }
+      for (int j = 0; j < n; ++j)
+        if (row_nonfinite(Vb + j * ldkv, D)) bad_keys[n_bad++] = j;
     for (int i = 0; i < n_bad; ++i) {
       float* vr = Vb + bad_keys[i] * ldkv;
       float* keep = Vbad + i * D;

@@ -274,14 +274,8 @@ void attend_t(const PagedParams& p, const PagedItem& it, float* out, float* lse,
         bool exact_pv = false;
         if (!full) {
           if (!vbad_known) {
-            for (int j = 0; j < nk; ++j) {
-              VM b = cmp_gt(set1(0.0f), set1(0.0f));
-              for (int d = 0; d < D; d += W) {
-                const VF x = load(vp[j] + d);
-                b = mask_or(b, mask_or(bad(x), bad(sub(set1(0.0f), x))));  // NaN, +inf, -inf
-              }
-              if (bits(b)) vbad |= uint64_t(1) << j;
-            }
+            for (int j = 0; j < nk; ++j)
+              if (row_nonfinite(vp[j], D)) vbad |= uint64_t(1) << j;
             vbad_known = true;
           }
           for (int r = 0; r < nr && vbad; ++r) {
