@@ -17,11 +17,34 @@ import math
 import pytest
 import torch
 
-from ttscale import ops
+from conftest import CPU_ISAS, CUDA
+from ttscale import _info, ops
 from ttscale.attention import Level, SharedPrefixDecode
 from ttscale.reference.attention import attention_ref
 from ttscale.reference.paged_attention import merge_attention_states_ref, paged_attention_ref
 from ttscale.reference.sparse_paged_attention import sparse_attention_ref
+
+# every CPU SIMD path this machine has, and the CUDA kernels when a GPU and a CUDA build are present
+PATHS = [f"cpu:{isa}" for isa in CPU_ISAS] + (["cuda"] if CUDA else [])
+
+
+@pytest.fixture(params=PATHS)
+def dev(request):
+    """The device the op runs on (inputs are built on the CPU, moved there for the call, and the
+    results compared on the CPU); a cpu:ISA path forces that SIMD path for the test."""
+    if request.param == "cuda":
+        yield "cuda"
+        return
+    prev = _info.set_cpu_isa(request.param.split(":", 1)[1])
+    try:
+        yield "cpu"
+    finally:
+        _info.set_cpu_isa(prev)
+
+
+def on(dev, *ts):
+    return [t.to(dev) for t in ts]
+
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 3e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}
@@ -31,14 +54,14 @@ BADS = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 def check_rows(out, ref, dtype):
     """Finite reference entries match within the dtype's bound; non-finite ones are non-finite in
     ``out`` too (inf vs NaN is not pinned: fused kernels may meet inf - inf where plain math does not)."""
-    out = out.double()
+    out = out.cpu().double()
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(out), fin), "non-finite pattern differs from the reference"
     torch.testing.assert_close(out[fin], ref[fin], atol=TOL[dtype], rtol=TOL[dtype])
 
 
 def check_lse(lse, ref):
-    lse = lse.double()
+    lse = lse.cpu().double()
     assert torch.equal(torch.isnan(lse), torch.isnan(ref))
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref))
     fin = torch.isfinite(ref)
@@ -66,7 +89,7 @@ def test_reference_matches_torch_sdpa_where_torch_is_defined():
 @pytest.mark.parametrize("bad", list(BADS), ids=list(BADS))
 @pytest.mark.parametrize("what", ["v", "k", "kv"])
 @pytest.mark.parametrize("sq,sk,hq,hkv,d", [(4, 4, 2, 2, 64), (37, 53, 4, 2, 64), (130, 130, 2, 1, 128)])
-def test_dense_masked_key_does_not_touch_rows(cpu_isa, dtype, bad, what, sq, sk, hq, hkv, d):
+def test_dense_masked_key_does_not_touch_rows(dev, dtype, bad, what, sq, sk, hq, hkv, d):
     g = torch.Generator().manual_seed(sq * 7 + sk)
     q = torch.randn(2, sq, hq, d, generator=g).to(dtype)
     k = torch.randn(2, sk, hkv, d, generator=g).to(dtype)
@@ -77,7 +100,8 @@ def test_dense_masked_key_does_not_touch_rows(cpu_isa, dtype, bad, what, sq, sk,
     if "v" in what:
         v[1, j, hkv - 1, 7] = BADS[bad]
     for kw in (dict(causal=True), dict(causal=False, window_left=0)):
-        out, lse = ops.attention(q, k, v, return_lse=True, **kw)
+        out, lse = ops.attention(*on(dev, q, k, v), return_lse=True, **kw)
+        out, lse = out.cpu(), lse.cpu()
         ro, rl = attention_ref(q, k, v, **kw)
         check_rows(out, ro, dtype)
         check_lse(lse, rl)
@@ -90,18 +114,18 @@ def test_dense_masked_key_does_not_touch_rows(cpu_isa, dtype, bad, what, sq, sk,
             assert not torch.isfinite(out[1, ~blind]).all()
 
 
-def test_dense_issue_example(cpu_isa):
+def test_dense_issue_example(dev):
     q = torch.randn(1, 4, 4, 64)
     k = torch.randn(1, 4, 2, 64)
     v = torch.randn(1, 4, 2, 64)
     v[0, 3] = float("inf")
-    out = ops.attention(q, k, v, causal=True)
+    out = ops.attention(*on(dev, q, k, v), causal=True).cpu()
     assert torch.isfinite(out[0, :3]).all()
     assert not torch.isfinite(out[0, 3]).any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dense_nan_query_and_key_propagate(cpu_isa, dtype):
+def test_dense_nan_query_and_key_propagate(dev, dtype):
     g = torch.Generator().manual_seed(11)
     q = torch.randn(1, 19, 4, 64, generator=g).to(dtype)
     k = torch.randn(1, 23, 2, 64, generator=g).to(dtype)
@@ -109,7 +133,7 @@ def test_dense_nan_query_and_key_propagate(cpu_isa, dtype):
     q[0, 3, 1, 0] = math.nan        # one query row
     q[0, 9, 2, 1] = math.inf        # +inf and -inf scores: the row is NaN as in torch
     k[0, 10, 0, 2] = math.nan       # visible to queries 6.. of heads 0-1 (causal, bottom-right)
-    out, lse = ops.attention(q, k, v, causal=True, return_lse=True)
+    out, lse = (t.cpu() for t in ops.attention(*on(dev, q, k, v), causal=True, return_lse=True))
     ro, rl = attention_ref(q, k, v, causal=True)
     assert torch.isnan(out[0, 3, 1]).all() and torch.isnan(lse[0, 3, 1])
     assert torch.isnan(out[0, 9, 2]).all() and torch.isnan(lse[0, 9, 2])
@@ -139,7 +163,7 @@ def _slot(ix, ip, last, page_size, b, t):
 @pytest.mark.parametrize("bad", list(BADS), ids=list(BADS))
 @pytest.mark.parametrize("nq,hq,hkv,ps", [(5, 4, 2, 16), (33, 2, 2, 5), (12, 8, 1, 7)],
                          ids=["decode-tiles", "prefill-widened", "gqa8-widened"])
-def test_paged_masked_value_does_not_touch_rows(cpu_isa, dtype, bad, nq, hq, hkv, ps):
+def test_paged_masked_value_does_not_touch_rows(dev, dtype, bad, nq, hq, hkv, ps):
     g = torch.Generator().manual_seed(nq * 31 + ps)
     kv_len = [70, 45]
     kc, vc, ip, ix, last = _paged(kv_len, ps, hkv, 64, dtype, g)
@@ -150,18 +174,19 @@ def test_paged_masked_value_does_not_touch_rows(cpu_isa, dtype, bad, nq, hq, hkv
     vc[page, off, 0, 3] = BADS[bad]
     kc[page, off, 0, 4] = BADS[bad]
     for kw in (dict(causal=True), dict(causal=True, window_left=6)):
-        out, lse = ops.paged_attention(q, kc, vc, ip, ix, last, qo_indptr=qo, return_lse=True, **kw)
+        out, lse = (t.cpu() for t in ops.paged_attention(*on(dev, q, kc, vc, ip, ix, last), qo_indptr=qo.to(dev),
+                                                        return_lse=True, **kw))
         ro, rl = paged_attention_ref(q, kc, vc, ip, ix, last, qo_indptr=qo, **kw)
         check_rows(out, ro, dtype)
         check_lse(lse, rl)
         assert torch.isfinite(out[: 2 * nq - 2]).all()
     # decode of the sequence (one query, sees everything): the row is not finite
-    out = ops.paged_attention(q[[0, nq]], kc, vc, ip, ix, last)
+    out = ops.paged_attention(*on(dev, q[[0, nq]], kc, vc, ip, ix, last)).cpu()
     assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1, :hq // hkv]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_paged_nan_query_and_key_propagate(cpu_isa, dtype):
+def test_paged_nan_query_and_key_propagate(dev, dtype):
     g = torch.Generator().manual_seed(5)
     kv_len = [40, 29, 1]
     kc, vc, ip, ix, last = _paged(kv_len, 16, 2, 128, dtype, g)
@@ -169,7 +194,7 @@ def test_paged_nan_query_and_key_propagate(cpu_isa, dtype):
     q[0, 5, 9] = math.nan
     page, off = _slot(ix, ip, last, 16, 1, 17)
     kc[page, off, 1, 0] = math.nan  # heads 4-7 of sequence 1 see it
-    out, lse = ops.paged_attention(q, kc, vc, ip, ix, last, return_lse=True)
+    out, lse = (t.cpu() for t in ops.paged_attention(*on(dev, q, kc, vc, ip, ix, last), return_lse=True))
     ro, rl = paged_attention_ref(q, kc, vc, ip, ix, last)
     assert torch.isnan(out[0, 5]).all() and torch.isnan(lse[0, 5])
     assert torch.isnan(out[1, 4:]).all() and torch.isnan(lse[1, 4:]).all()
@@ -179,7 +204,7 @@ def test_paged_nan_query_and_key_propagate(cpu_isa, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sparse_nan_and_unselected_pages(cpu_isa, dtype):
+def test_sparse_nan_and_unselected_pages(dev, dtype):
     g = torch.Generator().manual_seed(8)
     ps, kv_len = 8, [120, 64]
     kc, vc, ip, ix, last = _paged(kv_len, ps, 2, 64, dtype, g)
@@ -189,14 +214,16 @@ def test_sparse_nan_and_unselected_pages(cpu_isa, dtype):
     summ = ops.new_page_summaries(kc)
     from ttscale.reference.sparse_paged_attention import page_lens_of, page_summaries_ref
     summ.copy_(page_summaries_ref(kc, page_lens_of(kc.shape[0], ps, ip, ix, last)).to(dtype))
-    out, lse, sel = torch.ops.ttscale.sparse_paged_attention(q, kc, vc, summ, ip, ix, last, 2, 1, 1, 64 ** -0.5)
+    out, lse, sel = (t.cpu() for t in torch.ops.ttscale.sparse_paged_attention(
+        *on(dev, q, kc, vc, summ, ip, ix, last), 2, 1, 1, 64 ** -0.5))
     kept = set(int(p) for p in sel[0, 0].tolist() if p >= 0)
     dropped = [p for p in range(int(ip[1] - ip[0])) if p not in kept]
     assert dropped, "the budget must leave a page of sequence 0 out"
     page = int(ix[int(ip[0]) + dropped[0]])
     vc[page, :, 0] = math.inf
     kc[page, :, 0] = math.nan
-    out, lse, sel2 = torch.ops.ttscale.sparse_paged_attention(q, kc, vc, summ, ip, ix, last, 2, 1, 1, 64 ** -0.5)
+    out, lse, sel2 = (t.cpu() for t in torch.ops.ttscale.sparse_paged_attention(
+        *on(dev, q, kc, vc, summ, ip, ix, last), 2, 1, 1, 64 ** -0.5))
     assert torch.equal(sel, sel2)
     ro, rl = sparse_attention_ref(q, kc, vc, ip, ix, last, sel)
     assert torch.isfinite(out[0]).all()
@@ -205,13 +232,13 @@ def test_sparse_nan_and_unselected_pages(cpu_isa, dtype):
     check_lse(lse, rl)
 
 
-def test_merge_nan_state_propagates():
+def test_merge_nan_state_propagates(dev):
     g = torch.Generator().manual_seed(1)
     oa, ob = torch.randn(3, 2, 64, generator=g), torch.randn(3, 2, 64, generator=g)
     la = torch.tensor([[math.nan, 0.5], [-math.inf, math.inf], [1.0, -math.inf]])
     lb = torch.tensor([[-math.inf, math.nan], [math.nan, 0.0], [-math.inf, -math.inf]])
     ob[2, 1] = 0.0
-    o, l = ops.merge_attention_states(oa, la, ob, lb)
+    o, l = (t.cpu() for t in ops.merge_attention_states(*on(dev, oa, la, ob, lb)))
     ro, rl = merge_attention_states_ref(oa, la, ob, lb)
     assert torch.isnan(l[0]).all() and torch.isnan(l[1]).all() and torch.isnan(o[:2]).all()
     assert torch.equal(torch.isnan(o.double()), torch.isnan(ro))
@@ -220,7 +247,7 @@ def test_merge_nan_state_propagates():
     assert torch.equal(torch.isnan(l.double()), torch.isnan(rl))
 
 
-def test_shared_prefix_nan_prefix_key_poisons_every_branch(cpu_isa):
+def test_shared_prefix_nan_prefix_key_poisons_every_branch(dev):
     g = torch.Generator().manual_seed(2)
     ps, n = 4, 3
     kc, vc = torch.randn(16, ps, 2, 64, generator=g), torch.randn(16, ps, 2, 64, generator=g)
@@ -231,10 +258,11 @@ def test_shared_prefix_nan_prefix_key_poisons_every_branch(cpu_isa):
     q = torch.randn(n, 4, 64, generator=g)
     vc[6, 3, 1, 0] = math.inf   # the slot past branch 1's suffix (3 of 4 tokens used): never seen
     kc[7, 0, 0, 0] = math.nan   # branch 2's suffix: its heads 0-1 are NaN, the others are not
+    prefix, sfx_ip, sfx_ix, sfx_last = on(dev, prefix, sfx_ip, sfx_ix, sfx_last)
     dec = SharedPrefixDecode().plan([Level.shared(n, prefix, ps), Level.per_branch(sfx_ip, sfx_ix, sfx_last)])
-    out = dec.run(q, kc, vc)
+    out = dec.run(*on(dev, q, kc, vc)).cpu()
     assert torch.isfinite(out[:2]).all()
     assert torch.isnan(out[2, :2]).all() and torch.isfinite(out[2, 2:]).all()
     kc[1, 1, 1, 5] = math.nan   # a shared prefix key: heads 2-3 of every branch
-    out = dec.run(q, kc, vc)
+    out = dec.run(*on(dev, q, kc, vc)).cpu()
     assert torch.isnan(out[:, 2:]).all() and torch.isfinite(out[:2, :2]).all()

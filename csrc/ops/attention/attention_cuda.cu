@@ -10,7 +10,27 @@
 // never loaded (causal / window); the mask is applied only to blocks that straddle a boundary.
 // fp32: a SIMT kernel (one warp per query row, K/V tiles of 16 keys shared by the CTA's 4 rows).
 //
-// Semantics are those of attention.h (attn::visible, softcap, online softmax from attention_math.h).
+// Semantics are those of attention.h (attn::visible, softcap, online softmax from attention_math.h),
+// including its non-finite contract (compile-checked only, not yet run on a GPU):
+//  - poisoned rows: row maxima are reduced with cuda::fmax_nan (NaN-propagating), so the reduced max
+//    is NaN or +inf exactly when a visible score of the block is; such a row gets l = NaN
+//    (OnlineSoftmax::poison), which survives every rescale; the end writes acc * attn::out_scale(l)
+//    and OnlineSoftmax::lse() (NaN). No extra shuffle: the flag rides on the max reduction.
+//  - masked keys in the tensor-core kernel. The P V mma adds p * v for every key of the block, 0 * v
+//    for masked ones, which is NaN when v is inf / NaN. Invariants that keep the fast path exact:
+//    (a) keys that no row of the CTA sees (before the first row's window, at or past the last row's
+//        end, past k_len) are zero-filled in shared memory (cp.async with src-size 0), so 0 * 0;
+//    (b) a block that every valid row sees whole (need_mask false) has no masked key at all.
+//    What is left are keys masked for some rows only (causal diagonal, window edges) in blocks with
+//    need_mask. On those blocks (1-2 per CTA for causal) the CTA scans its V tile in shared memory
+//    for inf / NaN (__syncthreads_or, about 8 16-byte reads per thread) and, only if one is found,
+//    runs cuda::mma_pv_exact: a SIMT product in the accumulator layout that skips every key outside
+//    the row's visible range. Finite V (every real model) stays on the tensor cores; full blocks
+//    never pay anything. The mask of need_mask blocks is applied from per-row tile ranges
+//    (attn::visible_range clipped to the block), the same ranges the exact product uses.
+//  - fp32 SIMT kernel: one row per warp; a tile the row sees whole runs today's P V loop, any other
+//    adds only the row's visible keys (a select per key, not 0 * v; a loop with runtime bounds
+//    made ptxas spill).
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -18,6 +38,7 @@
 #include <cstdint>
 
 #include "common/attention_math.h"
+#include "common/attention_nonfinite.cuh"
 #include "common/cuda_mma.cuh"
 #include "common/dtype.h"
 #include "ops/attention/attention.h"
@@ -73,13 +94,15 @@ struct Mma<bf16_t> {
 };
 
 // Copies `rows` rows of D 16-bit elements (global row stride `ld` elements) into smem rows of LD
-// elements; rows >= valid are zero-filled. All threads of the CTA participate.
+// elements; rows outside [first, valid) are zero-filled (no global read; g must point at a readable
+// row, it is only an address). All threads of the CTA participate.
 template <int D, int LD>
-__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* g, int64_t ld, int rows, int valid) {
+__device__ __forceinline__ void load_tile(uint16_t* smem, const uint16_t* g, int64_t ld, int rows, int first,
+                                          int valid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
     const int r = c / kChunks, col = (c % kChunks) * 8;
-    const bool ok = r < valid;
+    const bool ok = r >= first && r < valid;
     cp_async16(smem + r * LD + col, ok ? (const void*)(g + (int64_t)r * ld + col) : (const void*)g, ok);
   }
 }
@@ -120,11 +143,15 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
 
-  load_tile<D, LD>(sQ, gq, p.q_st, kBM, (int)(q_len - m0 < kBM ? q_len - m0 : kBM));
+  // K/V rows of block n0 that some row of the tile may see: keys [kb_first, n_end) (kb_first is the
+  // smallest window start, n_end = ke_last the largest end, <= k_len); the others are zero-filled
+  // (invariant (a) above), so a masked-for-all key never multiplies a non-finite v.
+  auto kv_first = [&](int64_t n0) -> int { return kb_first > n0 ? (int)(kb_first - n0) : 0; };
+  auto kv_valid = [&](int64_t n0) -> int { return n_end - n0 < BN ? (int)(n_end - n0) : BN; };
+  load_tile<D, LD>(sQ, gq, p.q_st, kBM, 0, (int)(q_len - m0 < kBM ? q_len - m0 : kBM));
   if (nblocks > 0) {
-    const int64_t valid = k_len - n_begin;
-    load_tile<D, LD>(sK, gk + n_begin * p.k_st, p.k_st, BN, (int)(valid < BN ? valid : BN));
-    load_tile<D, LD>(sV, gv + n_begin * p.v_st, p.v_st, BN, (int)(valid < BN ? valid : BN));
+    load_tile<D, LD>(sK, gk + n_begin * p.k_st, p.k_st, BN, kv_first(n_begin), kv_valid(n_begin));
+    load_tile<D, LD>(sV, gv + n_begin * p.v_st, p.v_st, BN, kv_first(n_begin), kv_valid(n_begin));
   }
   cp_async_commit();
 
@@ -139,9 +166,9 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
     const int64_t n0 = n_begin + (int64_t)jb * BN;
     const int stage = jb & 1;
     if (jb + 1 < nblocks) {
-      const int64_t n1 = n0 + BN, valid = k_len - n1;
-      load_tile<D, LD>(sK + (stage ^ 1) * BN * LD, gk + n1 * p.k_st, p.k_st, BN, (int)(valid < BN ? valid : BN));
-      load_tile<D, LD>(sV + (stage ^ 1) * BN * LD, gv + n1 * p.v_st, p.v_st, BN, (int)(valid < BN ? valid : BN));
+      const int64_t n1 = n0 + BN;
+      load_tile<D, LD>(sK + (stage ^ 1) * BN * LD, gk + n1 * p.k_st, p.k_st, BN, kv_first(n1), kv_valid(n1));
+      load_tile<D, LD>(sV + (stage ^ 1) * BN * LD, gv + n1 * p.v_st, p.v_st, BN, kv_first(n1), kv_valid(n1));
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -150,6 +177,14 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
     __syncthreads();
     const uint16_t* k_s = sK + stage * BN * LD;
     const uint16_t* v_s = sV + stage * BN * LD;
+    // A block that some valid row sees only in part (CTA-uniform). Only such a block can hold a key
+    // that is masked for one row and loaded (not zero-filled) for another.
+    const bool need_mask = n0 + BN > k_len || n0 < kb_last || n0 + BN > ke_first;
+    // Non-finite V in such a block: the exact (SIMT) P V below, else the tensor cores. The scan runs
+    // after the barrier (the tile is visible to all), one more barrier (the OR) on these blocks only;
+    // full blocks skip both (need_mask is CTA-uniform, so every thread takes the same branch).
+    const bool exact_pv =
+        need_mask && __syncthreads_or(cuda::smem_tile_has_nonfinite<T, D, LD, BN, kThreads>(v_s) ? 1 : 0) != 0;
 
     // ---- S = Q K^T (16 rows x BN keys per warp)
     float s[NT][4];
@@ -169,7 +204,20 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
     }
 
     // ---- scale, softcap, mask; online softmax
-    const bool need_mask = n0 + BN > k_len || n0 < kb_last || n0 + BN > ke_first;
+    // visible keys of the lane's rows qi0, qi0 + 8 as block offsets [jb, je) (empty past q_len);
+    // exactly the keys attn::visible admits below k_len
+    int rjb[2] = {0, 0}, rje[2] = {0, 0};
+    if (need_mask) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t qi = qi0 + r * 8;
+        if (qi < q_len) {
+          int64_t kb, ke;
+          attn::visible_range(qi + off, k_len, p.causal, p.window_left, &kb, &ke);
+          cuda::tile_local_range(kb, ke, n0, BN, &rjb[r], &rje[r]);
+        }
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -177,20 +225,20 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
         float x = s[nt][e] * scale;
         if (cap > 0.0f) x = cap * tanhf(x * inv_cap);
         if (need_mask) {
-          const int64_t qi = qi0 + (e >> 1) * 8;
-          const int64_t kj = n0 + nt * 8 + 2 * t + (e & 1);
-          if (kj >= k_len || qi >= q_len || !attn::visible(qi + off, kj, p.causal, p.window_left)) x = -INFINITY;
+          const int j = nt * 8 + 2 * t + (e & 1);
+          if (j < rjb[e >> 1] || j >= rje[e >> 1]) x = -INFINITY;
         }
         s[nt][e] = x;
       }
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
+      // NaN-propagating max: NaN / +inf iff a visible score of the row poisons it (masked are -inf)
       float mx = -INFINITY;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      for (int nt = 0; nt < NT; ++nt) mx = cuda::fmax_nan(mx, cuda::fmax_nan(s[nt][2 * r], s[nt][2 * r + 1]));
+      mx = cuda::fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = cuda::fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       attn::OnlineSoftmax st{row_m[r], row_l[r]};
       alpha[r] = st.rescale_to(mx);
       const float mref = st.m == -INFINITY ? 0.0f : st.m * kLog2e;
@@ -204,8 +252,10 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      st.l += sum;
+      if (attn::poisons(mx)) st.poison();  // sticky: NaN * alpha + sum stays NaN in later blocks
       row_m[r] = st.m;
-      row_l[r] = st.l + sum;
+      row_l[r] = st.l;
     }
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
@@ -213,21 +263,31 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
       o[dt][2] *= alpha[1]; o[dt][3] *= alpha[1];
     }
 
-    // ---- O += P V (P from registers, V with ldmatrix.trans)
+    // ---- O += P V (P from registers, V with ldmatrix.trans); exact per-row product when a
+    // partially masked block holds a non-finite V (exact_pv is CTA-uniform: no divergence)
+    if (!exact_pv) {
 #pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+        a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+        a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 #pragma unroll
-      for (int dt = 0; dt < DT; dt += 2) {
-        uint32_t bb[4];
-        ldmatrix_x4_trans(bb, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dt * 8 + (lane >> 4) * 8);
-        Mma<T>::run(o[dt], a, bb[0], bb[1]);
-        Mma<T>::run(o[dt + 1], a, bb[2], bb[3]);
+        for (int dt = 0; dt < DT; dt += 2) {
+          uint32_t bb[4];
+          ldmatrix_x4_trans(bb, v_s + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dt * 8 + (lane >> 4) * 8);
+          Mma<T>::run(o[dt], a, bb[0], bb[1]);
+          Mma<T>::run(o[dt + 1], a, bb[2], bb[3]);
+        }
       }
+    } else {
+      // Scratch for P: this stage's K tile, dead once every warp has finished S = Q K^T (the
+      // barrier; exact_pv is CTA-uniform). The next write into it is the prefetch issued after the
+      // barrier that ends this iteration.
+      static_assert(kWarps * 16 * BN <= BN * LD, "P scratch fits in a K stage");
+      __syncthreads();
+      cuda::mma_pv_exact<T, NT, DT, LD>(o, s, sK + stage * BN * LD + warp * 16 * BN, v_s, lane, rjb, rje);
     }
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
   }
@@ -240,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_tc(const AttnParams p) {
     const int64_t qi = qi0 + r * 8;
     if (qi >= q_len) continue;
     const int64_t tok = qtok0 + qi;
-    const float inv = row_l[r] > 0.0f ? 1.0f / row_l[r] : 0.0f;
+    const float inv = attn::out_scale(row_l[r]);  // 0 for an empty row, NaN for a poisoned one
     T* orow = out + (tok * p.Hq + h) * D;
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt) {
@@ -309,25 +369,43 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_simt(const AttnParams p) {
     if (p.softcap > 0.0f) s = attn::softcap(s, p.softcap);
     const int64_t kj = n0 + j;
     if (kj < my_b || kj >= my_e) s = -INFINITY;
+    // NaN-propagating max over the 16 keys (lanes j and j + 16 hold the same s)
     float mx = s;
 #pragma unroll
-    for (int w = 8; w > 0; w >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+    for (int w = 8; w > 0; w >>= 1) mx = cuda::fmax_nan(mx, __shfl_xor_sync(0xffffffffu, mx, w));
     const float alpha = st.rescale_to(mx);
     const float pj = st.m == -INFINITY ? 0.0f : __expf(s - st.m);
     float sum = pj;
 #pragma unroll
     for (int w = 8; w > 0; w >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, w);
     st.l += sum;
+    if (attn::poisons(mx)) st.poison();
+    // P V over the row's visible keys of the tile only (masked keys never touch the row, whatever
+    // V holds); the bounds are warp-uniform (one row per warp)
+    int jb, je;
+    cuda::tile_local_range(my_b, my_e, n0, kSimtKeys, &jb, &je);
+    if (jb == 0 && je == kSimtKeys) {
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      float acc = o[i] * alpha;
-      for (int jj = 0; jj < kSimtKeys; ++jj) acc += __shfl_sync(0xffffffffu, pj, jj) * sV[jj][lane + 32 * i];
-      o[i] = acc;
+      for (int i = 0; i < PER; ++i) {
+        float acc = o[i] * alpha;
+        for (int jj = 0; jj < kSimtKeys; ++jj) acc += __shfl_sync(0xffffffffu, pj, jj) * sV[jj][lane + 32 * i];
+        o[i] = acc;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        float acc = o[i] * alpha;
+        for (int jj = 0; jj < kSimtKeys; ++jj) {
+          const float pjj = __shfl_sync(0xffffffffu, pj, jj);
+          acc = (jj >= jb && jj < je) ? fmaf(pjj, sV[jj][lane + 32 * i], acc) : acc;  // a select, never 0 * v
+        }
+        o[i] = acc;
+      }
     }
   }
   if (!active) return;
   const int64_t tok = qtok0 + qi;
-  const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
+  const float inv = attn::out_scale(st.l);
   float* orow = static_cast<float*>(p.o) + (tok * p.Hq + h) * D;
 #pragma unroll
   for (int i = 0; i < PER; ++i) orow[lane + 32 * i] = o[i] * inv;

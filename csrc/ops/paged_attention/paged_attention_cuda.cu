@@ -11,12 +11,29 @@
 // bytes, conflict-free), online softmax per row (attention_math.h conventions), then O += P V with
 // p broadcast by shuffles and D/32 output elements per lane. Splits write fp32 partials that
 // merge_splits_kernel combines with attn::merge_weights.
+//
+// Non-finite contract of attention_math.h (compile-checked only):
+//  - a NaN / +inf visible score: row maxima are reduced NaN-propagating (cuda::fmax_nan), so the
+//    reduced max is NaN / +inf exactly when a visible score of the tile is; the row gets l = NaN
+//    (OnlineSoftmax::poison, sticky through rescales), writes acc * attn::out_scale(l) and a NaN LSE,
+//    and the split merge propagates it. The "nothing visible in this tile" early-out tests the
+//    reduced max against -inf, which a NaN max no longer passes for.
+//  - masked keys never reach O. Keys outside the CTA's union [lo, hi) are zero-filled in shared
+//    memory (plain stores), so 0 * 0. Keys inside it that a row cannot see (causal diagonal
+//    between a tile's queries, window edges) are loaded with real data:
+//    paged_attn_kernel (SIMT): a tile that every row of the warp sees whole runs today's loop;
+//      otherwise the P V loop skips, per row, the keys outside the row's range (warp-uniform test).
+//    paged_mq_mma_kernel: a tile that every row of the CTA sees whole (CTA-uniform, from the
+//      intersection of the rows' ranges) runs today's tensor-core path; on other tiles the CTA scans
+//      its V tile for inf / NaN (__syncthreads_or) and only then runs cuda::mma_pv_exact (skips the
+//      masked keys per row), so finite V stays on the tensor cores.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
 #include "common/attention_math.h"
+#include "common/attention_nonfinite.cuh"
 #include "common/cuda_mma.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
@@ -33,9 +50,10 @@ using cuda::kFullMask;
 constexpr int kThreads = kCudaWarps * 32;
 constexpr int TK = kCudaTileKeys;
 
+// NaN-propagating: NaN if any lane holds NaN (a poisoned row must not look empty)
 TT_DEVICE float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = cuda::fmax_nan(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 TT_DEVICE float warp_sum(float v) {
@@ -136,16 +154,24 @@ struct CtaKeys {
     *kb = *kb > s_lo ? *kb : s_lo;
     *ke = *ke < s_hi ? *ke : s_hi;
   }
-  // keys the whole tile reads: the union of its query tokens' row ranges ([lo, hi), empty if lo >= hi)
-  TT_DEVICE void tile_range(const PagedParams& p, const CudaTile& tile, int64_t* lo, int64_t* hi) const {
+  // keys the whole tile reads: the union of its query tokens' row ranges ([lo, hi), empty if lo >= hi);
+  // with clo / chi: also the keys every row sees, the intersection [*clo, *chi) (empty if *clo >= *chi,
+  // in particular when some row sees nothing)
+  TT_DEVICE void tile_range(const PagedParams& p, const CudaTile& tile, int64_t* lo, int64_t* hi,
+                            int64_t* clo = nullptr, int64_t* chi = nullptr) const {
     *lo = kv_len;
     *hi = 0;
+    int64_t c_lo = 0, c_hi = kv_len;
     const int nq = tile.q1 - tile.q0;
     for (int qi = 0; qi < nq; ++qi) {
       int64_t kb, ke;
       row_range(p, tile.q0 + qi, &kb, &ke);
       if (kb < ke) { *lo = kb < *lo ? kb : *lo; *hi = ke > *hi ? ke : *hi; }
+      c_lo = kb > c_lo ? kb : c_lo;
+      c_hi = ke < c_hi ? ke : c_hi;
     }
+    if (clo) *clo = c_lo;
+    if (chi) *chi = c_hi;
   }
 };
 TT_DEVICE CtaKeys cta_keys(const PagedParams& p, const PagedCudaWork& w, int64_t b, int split) {
@@ -254,30 +280,64 @@ __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, Pag
         if (i >= my_rows) continue;  // warp-uniform
         float si = attn::softcap(s[i], p.softcap);
         if (key < rkb[i] || key >= rke[i]) si = -INFINITY;
-        const float mt = warp_max(si);
+        const float mt = warp_max(si);  // NaN / +inf: a visible score poisons the row
         if (mt == -INFINITY) continue;  // warp-uniform: nothing visible in this tile
         attn::OnlineSoftmax os{m[i], l[i]};
         const float alpha = os.rescale_to(mt);
         const float pi = __expf(si - os.m);  // 0 for masked keys
         os.l += warp_sum(pi);
+        if (attn::poisons(mt)) os.poison();  // l = NaN, sticky
         m[i] = os.m;
         l[i] = os.l;
         pr[i] = pi;
 #pragma unroll
         for (int e = 0; e < EPL; ++e) acc[i][e] *= alpha;
       }
-      // O += P V: p of key j broadcast from lane j; lane owns elements [lane * EPL, +EPL)
-#pragma unroll 2
-      for (int j = 0; j < TK; ++j) {
-        const T* vrow = vs + j * S::kRow + lane * EPL;
-        float vv[EPL];
+      // O += P V: p of key j broadcast from lane j; lane owns elements [lane * EPL, +EPL).
+      // Keys k0 + j >= hi are zero-filled; a tile whose loaded keys [k0, min(k0 + TK, hi)) every row
+      // of the warp sees (warp-uniform) has no masked key with data: today's loop. Otherwise each
+      // row adds only the keys of its own range (a masked key must not add 0 * v: NaN for v = inf).
+      const int64_t k_end = k0 + TK < hi ? k0 + TK : hi;
+      bool clean = true;
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) vv[e] = ld(vrow + e);
+      for (int i = 0; i < kCudaRowsPerWarp; ++i)
+        if (i < my_rows) clean = clean && rkb[i] <= k0 && rke[i] >= k_end;
+      if (clean) {
+#pragma unroll 2
+        for (int j = 0; j < TK; ++j) {
+          const T* vrow = vs + j * S::kRow + lane * EPL;
+          float vv[EPL];
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) vv[e] = ld(vrow + e);
+#pragma unroll
+          for (int i = 0; i < kCudaRowsPerWarp; ++i) {
+            const float pj = __shfl_sync(kFullMask, pr[i], j);
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) acc[i][e] = fmaf(pj, vv[e], acc[i][e]);
+          }
+        }
+      } else {
+        static_assert(TK <= 32, "one visibility bit per key of the tile");
+        uint32_t vis_bits[kCudaRowsPerWarp];  // bit j: key k0 + j is in row i's range (0: unused row)
 #pragma unroll
         for (int i = 0; i < kCudaRowsPerWarp; ++i) {
-          const float pj = __shfl_sync(kFullMask, pr[i], j);
+          int jb, je;
+          cuda::tile_local_range(rkb[i], rke[i], k0, TK, &jb, &je);
+          vis_bits[i] = cuda::range_bits32(jb, je);
+        }
+#pragma unroll 1
+        for (int j = 0; j < TK; ++j) {
+          const T* vrow = vs + j * S::kRow + lane * EPL;
+          float vv[EPL];
 #pragma unroll
-          for (int e = 0; e < EPL; ++e) acc[i][e] = fmaf(pj, vv[e], acc[i][e]);
+          for (int e = 0; e < EPL; ++e) vv[e] = ld(vrow + e);
+#pragma unroll
+          for (int i = 0; i < kCudaRowsPerWarp; ++i) {
+            const float pj = __shfl_sync(kFullMask, pr[i], j);
+            const bool vis = (vis_bits[i] >> j) & 1u;  // warp-uniform
+#pragma unroll
+            for (int e = 0; e < EPL; ++e) acc[i][e] = vis ? fmaf(pj, vv[e], acc[i][e]) : acc[i][e];
+          }
         }
       }
     }
@@ -292,8 +352,8 @@ __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, Pag
     const int64_t t = tile.q0 + r / ng;
     const int64_t hq = h * group + tile.g0 + r % ng;
     const int64_t row = t * p.Hq + hq;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    const float lse = l[i] > 0.0f ? m[i] + logf(l[i]) : -INFINITY;
+    const float inv = attn::out_scale(l[i]);  // 0: empty, NaN: poisoned
+    const float lse = attn::OnlineSoftmax{m[i], l[i]}.lse();
     if (w.n_split > 1) {
       float* o = w.part_out + ((int64_t)split * p.T * p.Hq + row) * D + lane * EPL;
 #pragma unroll
@@ -357,8 +417,8 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
   const int lane = cuda::lane_id(), warp = cuda::warp_id();
   const int64_t b = tile.b;
   const CtaKeys keys = cta_keys(p, w, b, split);
-  int64_t lo, hi;
-  keys.tile_range(p, tile, &lo, &hi);
+  int64_t lo, hi, clo, chi;  // union and intersection of the rows' visible keys (CTA-uniform)
+  keys.tile_range(p, tile, &lo, &hi, &clo, &chi);
   // queries (unscaled, in T) to shared memory; rows past `rows` are zero
   const T* qg = static_cast<const T*>(p.q);
   for (int i = threadIdx.x; i < kCudaMmaRows * D; i += kThreads) {
@@ -418,6 +478,13 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
     __syncthreads();
     const T* ks = ks_all + stage * TK * kRow;
     const T* vs = vs_all + stage * TK * kRow;
+    // A tile some row sees only in part: its loaded keys [k0, min(k0 + TK, hi)) are not all inside
+    // the intersection (CTA-uniform). Only there can a key be masked for a row and hold real data
+    // (keys >= hi are zero-filled). On such a tile a non-finite V sends P V to the exact path.
+    const int64_t k_end = k0 + TK < hi ? k0 + TK : hi;
+    const bool partial = !(clo <= k0 && chi >= k_end);
+    const bool exact_pv =
+        partial && __syncthreads_or(cuda::smem_tile_has_nonfinite<T, D, kRow, TK, kThreads>(vs) ? 1 : 0) != 0;
     if (warp * 16 < rows) {  // warp-uniform
       // S = Q K^T: 4 n8 blocks of keys
       float sc[4][4];
@@ -442,14 +509,14 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
           float s = attn::softcap(sc[nb][e] * p.scale, p.softcap);
           if (key < rkb[i] || key >= rke[i]) s = -INFINITY;
           sc[nb][e] = s;
-          mt[i] = fmaxf(mt[i], s);
+          mt[i] = cuda::fmax_nan(mt[i], s);  // NaN / +inf iff a visible score poisons the row
         }
       float alpha[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        mt[i] = fmaxf(mt[i], __shfl_xor_sync(kFullMask, mt[i], 1));
-        mt[i] = fmaxf(mt[i], __shfl_xor_sync(kFullMask, mt[i], 2));
-        const float m_new = fmaxf(m[i], mt[i]);
+        mt[i] = cuda::fmax_nan(mt[i], __shfl_xor_sync(kFullMask, mt[i], 1));
+        mt[i] = cuda::fmax_nan(mt[i], __shfl_xor_sync(kFullMask, mt[i], 2));
+        const float m_new = fmaxf(m[i], mt[i]);  // a NaN mt leaves m (the row is poisoned below)
         alpha[i] = (m[i] == -INFINITY) ? (m_new == -INFINITY ? 1.0f : 0.0f) : __expf(m[i] - m_new);
         m[i] = m_new;
       }
@@ -468,26 +535,39 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
         rs[i] += __shfl_xor_sync(kFullMask, rs[i], 1);
         rs[i] += __shfl_xor_sync(kFullMask, rs[i], 2);
         l[i] = l[i] * alpha[i] + rs[i];
+        if (attn::poisons(mt[i])) l[i] = NAN;  // OnlineSoftmax::poison: sticky through l * alpha + rs
       }
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
         o[nb][0] *= alpha[0]; o[nb][1] *= alpha[0];
         o[nb][2] *= alpha[1]; o[nb][3] *= alpha[1];
       }
-      // O += P V: P re-packed from the S fragments as two m16k16 A operands
+      if (!exact_pv) {
+        // O += P V: P re-packed from the S fragments as two m16k16 A operands
 #pragma unroll
-      for (int kk = 0; kk < 2; ++kk) {
-        uint32_t pa[4];
-        pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-        pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-        pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-        pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        for (int kk = 0; kk < 2; ++kk) {
+          uint32_t pa[4];
+          pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+          pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+          pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+          pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb) {
-          uint32_t bf[2];
-          ldmatrix_x2_trans(bf, vs + (kk * 16 + (lane & 15)) * kRow + nb * 8);
-          mma_m16n8k16<T>(o[nb], pa, bf);
+          for (int nb = 0; nb < NB; ++nb) {
+            uint32_t bf[2];
+            ldmatrix_x2_trans(bf, vs + (kk * 16 + (lane & 15)) * kRow + nb * 8);
+            mma_m16n8k16<T>(o[nb], pa, bf);
+          }
         }
+      } else {
+        // exact: row i adds only keys [rkb[i], rke[i]) of the tile (the mask above, tile offsets).
+        // P scratch: this warp's own 16 rows of qs, read by nobody since its Q fragments went to
+        // registers before the loop (qf), so no CTA barrier is needed.
+        static_assert(16 * TK <= 16 * kRow, "P scratch fits in the warp's Q rows");
+        int jb[2], je[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) cuda::tile_local_range(rkb[i], rke[i], k0, TK, &jb[i], &je[i]);
+        cuda::mma_pv_exact<T, 4, NB, kRow>(o, sc, reinterpret_cast<uint16_t*>(qs + warp * 16 * kRow), vs, lane, jb,
+                                           je);
       }
     }
     __syncthreads();
@@ -500,8 +580,8 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
     const int64_t t = tile.q0 + r / ng;
     const int64_t hq = h * group + tile.g0 + r % ng;
     const int64_t row = t * p.Hq + hq;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
-    const float lse = l[i] > 0.0f ? m[i] + logf(l[i]) : -INFINITY;
+    const float inv = attn::out_scale(l[i]);  // 0: empty, NaN: poisoned
+    const float lse = attn::OnlineSoftmax{m[i], l[i]}.lse();
     if (w.n_split > 1) {
       float* op = w.part_out + ((int64_t)split * p.T * p.Hq + row) * D;
 #pragma unroll

@@ -13,6 +13,13 @@
 //   attend_kernel      grid (B * Hkv, n_split, group chunks of kCudaMaxGroupRows), 4 warps, each warp
 //                      a strided share of the kept pages, online softmax per row, warps merged in smem
 //   merge_kernel       grid (B * Hq): merges the n_split partials, writes out (q's dtype) and lse
+//
+// Non-finite contract of attention_math.h (compile-checked only): attend_kernel reads only the keys
+// of kept pages (the last one up to kv_last_page_len), so no masked key is ever loaded. A NaN / +inf
+// score (attn::poisons) makes the row's l NaN (sticky); the warps' merge
+// keeps that NaN (a NaN l of a warp that saw no finite score used to vanish behind its -inf max), and
+// the row writes O * attn::out_scale(L) and OnlineSoftmax::lse() (NaN). A -inf score adds weight 0
+// (exp(-inf - -inf) was NaN for a row that had seen nothing yet).
 #include "ops/sparse_paged_attention/sparse_paged_attention_cuda.h"
 
 #include <cuda_runtime.h>
@@ -202,11 +209,13 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(SparseParams s, Sparse
         float dot = 0.0f;
 #pragma unroll
         for (int e = 0; e < E; ++e) dot += qv[r][e] * kx[e];
-        dot = cuda::warp_reduce(dot, cuda::SumOp());
-        const float m_new = dot > m[r] ? dot : m[r];
+        dot = cuda::warp_reduce(dot, cuda::SumOp());  // the same value in every lane (commutative butterfly)
+        const float m_new = dot > m[r] ? dot : m[r];  // a NaN dot leaves m, +inf makes it +inf (row NaN)
         const float alpha = m[r] == -INFINITY ? 0.0f : __expf(m[r] - m_new);
-        const float pr = __expf(dot - m_new);
+        const float pr = m_new == -INFINITY ? 0.0f : __expf(dot - m_new);  // a -inf score weighs 0
         l[r] = l[r] * alpha + pr;
+        // NaN / +inf score: l = NaN (OnlineSoftmax::poison), sticky through later l * alpha + pr
+        if (attn::poisons(dot)) l[r] = NAN;
         m[r] = m_new;
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[r][e] = acc[r][e] * alpha + pr * vx[e];
@@ -227,18 +236,25 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(SparseParams s, Sparse
   for (int idx = threadIdx.x; idx < ng * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     float M = -INFINITY;
-    for (int x = 0; x < kWarps; ++x) M = sm[x][r] > M ? sm[x][r] : M;
+    bool poisoned = false;  // a warp's l is NaN, whatever its max (it may be -inf)
+    for (int x = 0; x < kWarps; ++x) {
+      M = sm[x][r] > M ? sm[x][r] : M;
+      poisoned = poisoned || sl[x][r] != sl[x][r];
+    }
     float L = 0.0f, O = 0.0f;
     if (M != -INFINITY) {
       for (int x = 0; x < kWarps; ++x) {
+        // a warp that saw no key has acc = 0 and l = 0 (weight 0 adds exactly 0); one whose keys all
+        // scored -inf keeps the IEEE 0 * v of its visible keys, as a single online softmax would
         const float f = sm[x][r] == -INFINITY ? 0.0f : __expf(sm[x][r] - M);
         L += sl[x][r] * f;
         O += so[x][r][d] * f;
       }
     }
+    if (poisoned) L = NAN;
     const int64_t row = b * Hq + h * group + g0 + r;
-    w.part_out[((int64_t)blockIdx.y * rows + row) * D + d] = L > 0.0f ? O / L : 0.0f;
-    if (d == 0) w.part_lse[(int64_t)blockIdx.y * rows + row] = L > 0.0f ? M + logf(L) : -INFINITY;
+    w.part_out[((int64_t)blockIdx.y * rows + row) * D + d] = O * attn::out_scale(L);
+    if (d == 0) w.part_lse[(int64_t)blockIdx.y * rows + row] = attn::OnlineSoftmax{M, L}.lse();
   }
 }
 
