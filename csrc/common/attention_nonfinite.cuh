@@ -9,7 +9,6 @@
 //   tile_local_range           a key range [b, e) clipped to a tile [n0, n0 + n) in tile coordinates
 //   range_bits32               the same range as a bit mask (tiles of <= 32 keys)
 //   smem_tile_has_nonfinite    whether a 16-bit K/V tile in shared memory holds an inf / NaN element
-//   pack2_rn                   two floats to a packed 16-bit pair (round to nearest)
 //   mma_pv_exact               O += P V for one key tile in the mma.m16n8k16 accumulator layout with
 //                              every key a row cannot see skipped (no 0 * v), the slow path of the
 //                              tensor-core kernels for partially masked tiles whose V is not finite
@@ -22,6 +21,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_mma.cuh"
 #include "common/cuda_utils.cuh"
 #include "common/dtype.h"
 #include "common/host_device.h"
@@ -94,23 +94,6 @@ TT_DEVICE bool smem_tile_has_nonfinite(const void* tile) {
   return bad;
 }
 
-// Two fp32 values rounded to nearest into a packed pair of 16-bit T (lo at the lower address), the
-// same rounding as the P operand of the tensor-core P V (__floats2half2_rn / cvt.rn.*x2.f32).
-template <typename T>
-TT_DEVICE uint32_t pack2_rn(float lo, float hi);
-template <>
-TT_DEVICE uint32_t pack2_rn<half_t>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-template <>
-TT_DEVICE uint32_t pack2_rn<bf16_t>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 // O += P V over one tile of BN = NKT * 8 keys, exactly: key j (tile offset) is added to the lane's
 // row g = lane / 4 only when jb[0] <= j < je[0], to row g + 8 only when jb[1] <= j < je[1]; any
 // other key is skipped, whatever V holds there (the tensor-core product adds 0 * v, NaN for v = inf).
@@ -118,8 +101,8 @@ TT_DEVICE uint32_t pack2_rn<bf16_t>(float lo, float hi) {
 //   p[nt][e]: P of row g + 8 * (e / 2), key nt * 8 + 2 t + (e % 2)  (the S accumulator after exp)
 //   o[dt][e]: O of row g + 8 * (e / 2), dim  dt * 8 + 2 t + (e % 2)
 //   v_s:      the V tile in shared memory, key j at v_s + j * LD, 16-bit T, dims contiguous.
-// P is first written, rounded to T exactly as the tensor-core path rounds it, to p_s: shared scratch
-// of 16 rows x BN keys (row stride BN) that belongs to this warp alone for the duration of the call
+// P is first written, rounded to T exactly as the tensor-core path rounds it (cuda::pack2), to p_s:
+// shared scratch of 16 rows x BN keys (row stride BN) that belongs to this warp alone for the duration of the call
 // (the caller guarantees no other warp reads or writes it). Going through shared memory lets the P
 // registers die before the loop, so this slow path does not raise the kernel's register count.
 // Every lane of the warp must call it (__syncwarp); the key loop is not unrolled (it is the rare path).
@@ -133,8 +116,8 @@ TT_DEVICE void mma_pv_exact(float (&o)[DT][4], const float (&p)[NKT][4], uint16_
   __syncwarp();  // earlier reads of the scratch by other lanes are done
 #pragma unroll
   for (int nt = 0; nt < NKT; ++nt) {
-    *reinterpret_cast<uint32_t*>(prow0 + nt * 8 + 2 * t) = pack2_rn<T>(p[nt][0], p[nt][1]);
-    *reinterpret_cast<uint32_t*>(prow1 + nt * 8 + 2 * t) = pack2_rn<T>(p[nt][2], p[nt][3]);
+    *reinterpret_cast<uint32_t*>(prow0 + nt * 8 + 2 * t) = pack2<T>(p[nt][0], p[nt][1]);
+    *reinterpret_cast<uint32_t*>(prow1 + nt * 8 + 2 * t) = pack2<T>(p[nt][2], p[nt][3]);
   }
   __syncwarp();
   const uint16_t* vcol = static_cast<const uint16_t*>(v_s) + 2 * t;

@@ -65,6 +65,23 @@ TT_DEVICE void ldmatrix_x2_trans(uint32_t* r, const void* p) {
 }
 
 // c[0..4) += A (16x16, 4 regs) * B (16x8, 2 regs), fp32 accumulate; T = half_t or bf16_t.
+// Two fp32 values rounded to nearest into a packed pair of 16-bit T (lo in the low half, the lower
+// address): the register layout of an mma.m16n8k16 A/B operand element pair.
+template <typename T>
+TT_DEVICE uint32_t pack2(float lo, float hi);
+template <>
+TT_DEVICE uint32_t pack2<half_t>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+template <>
+TT_DEVICE uint32_t pack2<bf16_t>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
 template <typename T>
 TT_DEVICE void mma_m16n8k16(float* c, const uint32_t* a, const uint32_t* b);
 template <>

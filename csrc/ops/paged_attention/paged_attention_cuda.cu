@@ -376,21 +376,6 @@ __global__ void __launch_bounds__(kThreads) paged_attn_kernel(PagedParams p, Pag
 // online softmax on the accumulator fragments (a row's 8 values live in one quad of lanes), then the
 // S fragments are re-packed in registers as the A operand of O += P V (V fragments by ldmatrix.trans),
 // FlashAttention-2 style. This is the shared-prefix path: all branches' queries reuse each K/V tile.
-template <typename T>
-TT_DEVICE uint32_t pack2(float lo, float hi);
-template <>
-TT_DEVICE uint32_t pack2<half_t>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-template <>
-TT_DEVICE uint32_t pack2<bf16_t>(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 template <typename T, int D>
 struct MmaSmem {
   static constexpr int kRow = D + 8;  // 16-byte pad: conflict-free ldmatrix
@@ -547,10 +532,10 @@ __global__ void __launch_bounds__(kThreads) paged_mq_mma_kernel(PagedParams p, P
 #pragma unroll
         for (int kk = 0; kk < 2; ++kk) {
           uint32_t pa[4];
-          pa[0] = pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
-          pa[1] = pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
-          pa[2] = pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-          pa[3] = pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+          pa[0] = cuda::pack2<T>(sc[2 * kk][0], sc[2 * kk][1]);
+          pa[1] = cuda::pack2<T>(sc[2 * kk][2], sc[2 * kk][3]);
+          pa[2] = cuda::pack2<T>(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+          pa[3] = cuda::pack2<T>(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
 #pragma unroll
           for (int nb = 0; nb < NB; ++nb) {
             uint32_t bf[2];

@@ -160,20 +160,6 @@ __global__ void __launch_bounds__(kThreads) qmm_gemv(const QmmCudaParams p) {
 }
 
 // ---------------------------------------------------------------- GEMM (tensor cores)
-// Two fp16/bf16 values (exact small integers or activations) packed as the low/high half of a
-// 32-bit mma operand register.
-template <typename T>
-TT_DEVICE uint32_t pack2(float lo, float hi);
-template <>
-TT_DEVICE uint32_t pack2<half_t>(float lo, float hi) {
-  return (uint32_t)__half_as_ushort(__float2half_rn(lo)) | ((uint32_t)__half_as_ushort(__float2half_rn(hi)) << 16);
-}
-template <>
-TT_DEVICE uint32_t pack2<bf16_t>(float lo, float hi) {
-  return (uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
-         ((uint32_t)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
-}
-
 // The A-operand register holding x[row][k], x[row][k+1] (k even; zero outside the M rows).
 template <typename T>
 TT_DEVICE uint32_t load_a(const T* x, int64_t row, int64_t M, int64_t K, int64_t k) {
@@ -235,8 +221,8 @@ __global__ void __launch_bounds__(kThreads) qmm_gemm_tc(const QmmCudaParams p) {
       for (int j = 0; j < NT; ++j) {
         const int jb = kk + 2 * tq;
         uint32_t b[2];
-        b[0] = pack2<T>((float)chunk_code(w[j], BITS, jb) - zc[j], (float)chunk_code(w[j], BITS, jb + 1) - zc[j]);
-        b[1] = pack2<T>((float)chunk_code(w[j], BITS, jb + 8) - zc[j], (float)chunk_code(w[j], BITS, jb + 9) - zc[j]);
+        b[0] = cuda::pack2<T>((float)chunk_code(w[j], BITS, jb) - zc[j], (float)chunk_code(w[j], BITS, jb + 1) - zc[j]);
+        b[1] = cuda::pack2<T>((float)chunk_code(w[j], BITS, jb + 8) - zc[j], (float)chunk_code(w[j], BITS, jb + 9) - zc[j]);
 #pragma unroll
         for (int i = 0; i < MT; ++i) cuda::mma_m16n8k16<T>(tmp[i][j], a[i], b);
       }
